@@ -1,0 +1,266 @@
+"""``kdpo``: build the knowledge world, probe what a model knows, edit it, evaluate it.
+
+Examples::
+
+    kdpo world build                    # pre-train the built-in world (cached), report its recall
+    kdpo probe --limit 5                # what the world answers now for its first 5 edit prompts
+    kdpo edit --n 20                    # 20 sequential KDPO edits on the world, result table
+    kdpo edit --method ft-m --set lr=1e-3 --set protection=none --n 50 --json
+    kdpo edit --model ./my-hf-model --edits counterfact.json --protection-corpus wiki.txt
+    kdpo evaluate --model ./edited --baseline-model ./original --edits edits.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kdpo.editors import EDITORS
+from kdpo.loaders import FORMATS, EditDataError, load_requests
+from kdpo.modeling import ModelLoadError
+
+HEADLINE = ("edit_success", "generalization", "locality", "portability", "fluency")
+
+
+class UsageError(Exception):
+    """A user mistake the CLI reports in one line, without a traceback."""
+
+
+# --- shared option groups ---------------------------------------------------------------------
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and data")
+    group.add_argument("--model", help="a Hugging Face causal-LM directory or hub id (default: the built-in world)")
+    group.add_argument("--edits", help="edit-request file (default: the world's own counterfactual edits)")
+    group.add_argument("--format", default="auto", choices=("auto",) + FORMATS, help="edit file format (default: detect)")
+    group.add_argument("--limit", "--n", type=int, dest="limit", help="use the first N requests")
+    group.add_argument("--skip-invalid", action="store_true", help="skip invalid records and list them")
+    group.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the model runs")
+    group.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    group.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+
+
+def _resolve_model_and_edits(args) -> tuple[str, Path | None, list[str] | None]:
+    """Model path, edit file and (for worlds) the corpus the model was trained on."""
+    from kdpo.world import default_world
+
+    if args.model:
+        model_path = args.model
+        local = Path(model_path)
+        corpus = (local / "corpus.txt").read_text().splitlines() if (local / "corpus.txt").exists() else None
+        edits = Path(args.edits) if args.edits else (local / "edits.jsonl" if (local / "edits.jsonl").exists() else None)
+    else:
+        world = default_world(progress=not args.json)
+        model_path, corpus = str(world.path), world.corpus()
+        edits = Path(args.edits) if args.edits else world.edits_path
+    if edits is None:
+        raise UsageError("--edits FILE is required for a model that is not a kdpo world")
+    return model_path, edits, corpus
+
+
+def _load_edits(args, path: Path):
+    loaded = load_requests(path, format=args.format, skip_invalid=args.skip_invalid, limit=args.limit)
+    for skipped in loaded.skipped:
+        print(
+            f"skipped {path.name}: record {skipped.index} (case_id {skipped.case_id}): "
+            f"field {skipped.field!r}: {skipped.message}",
+            file=sys.stderr,
+        )
+    if not loaded.requests:
+        raise UsageError(f"{path}: no valid edit requests")
+    return loaded.requests
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A plain aligned text table; floats with 3 decimals, None as '-'."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "  ".join(str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
+    return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def summary_table(summaries: list[dict]) -> str:
+    """One row per run: immediate and final headline metrics, retention, cost."""
+    headers = ["method", "edits", "schedule", *HEADLINE, "retention", "s/edit"]
+    rows = []
+    for s in summaries:
+        for schedule in ("immediate", "final"):
+            metrics = s[schedule]
+            rows.append([
+                s["method"], s["edits"], schedule, *(metrics.get(m) for m in HEADLINE),
+                s["retention"] if schedule == "final" else None,
+                s["seconds_per_edit"] if schedule == "final" else None,
+            ])
+    return format_table(headers, rows)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_world_build(args) -> int:
+    from kdpo.world import WorldConfig, build_world
+
+    config = WorldConfig(seed=args.seed)
+    world = build_world(config, from_file=args.from_file, out=args.out, force=args.force, progress=not args.json)
+    if args.json:
+        print(json.dumps({"path": str(world.path), **world.info}, indent=2))
+        return 0
+    info = world.info
+    print(f"world: {world.path}{' (cached)' if info.get('cached') else ''}")
+    print(f"source: {info['source']}  parameters: {info['parameters']:,}  vocabulary: {info['vocab_size']}")
+    print(f"trained {info['epochs']} epochs in {info['seconds']} s on {info['torch_threads']} threads")
+    print(format_table(["facts learned", "recall"], [[k, v] for k, v in info["recall"].items()]))
+    print(f"default edit requests: {world.edits_path} ({info['edits']})")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from kdpo.evaluation import probe
+    from kdpo.modeling import load_model
+
+    model_path, edits_path, _ = _resolve_model_and_edits(args)
+    requests = _load_edits(args, edits_path)
+    model, tokenizer = load_model(model_path, args.device, args.dtype)
+    result = probe(model, tokenizer, requests)
+    rows = [
+        {"case_id": r.case_id, "prompt": r.prompt, "answers_now": answer, "ground_truth": r.ground_truth,
+         "target_new": r.target_new, "target_new_accuracy": s.edit_success}
+        for r, answer, s in zip(requests, result.answers, result.scores)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(list(rows[0]), [list(row.values()) for row in rows]))
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from kdpo.editing import make_config, run_sequential
+    from kdpo.modeling import load_model
+
+    overrides = dict(_split_setting(item) for item in args.set or [])
+    config = make_config(args.method, args.config, overrides)
+    model_path, edits_path, corpus = _resolve_model_and_edits(args)
+    if args.protection_corpus:
+        corpus = _read_corpus(args.protection_corpus)
+    requests = _load_edits(args, edits_path)
+    model, tokenizer = load_model(model_path, args.device, args.dtype)
+    result = run_sequential(model, tokenizer, requests, args.method, config, corpus, progress=not args.json)
+    if args.output:
+        result.write_json(args.output)
+    if args.save:
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
+    if args.json:
+        print(json.dumps(result.to_dict() if args.full else {"summary": result.summary(), "schedule": result.schedule,
+                                                               "config": result.config}, indent=2))
+        return 0
+    print(f"model: {model_path}\nedits: {edits_path} ({len(requests)} sequential, method {args.method})")
+    print(summary_table([result.summary()]))
+    print(f"fluency before editing: {_cell(result.summary()['fluency_before'])}")
+    print(f"schedule: {result.schedule}")
+    if args.save:
+        print(f"edited model saved to {args.save}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from kdpo.evaluation import evaluate, probe, summarize
+    from kdpo.modeling import load_model
+
+    if not args.model:
+        raise UsageError("evaluate needs --model (the edited model) and --baseline-model (the model before editing)")
+    model_path, edits_path, _ = _resolve_model_and_edits(args)
+    requests = _load_edits(args, edits_path)
+    base_model, base_tokenizer = load_model(args.baseline_model, args.device, args.dtype)
+    baseline = probe(base_model, base_tokenizer, requests)
+    del base_model
+    model, tokenizer = load_model(model_path, args.device, args.dtype)
+    scores = evaluate(model, tokenizer, requests, baseline.locality_predictions)
+    summary = {"before": summarize(baseline.scores), "after": summarize(scores)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_table(["", *HEADLINE], [[k, *(v.get(m) for m in HEADLINE)] for k, v in summary.items()]))
+    return 0
+
+
+def _split_setting(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _read_corpus(path: str) -> list[str]:
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise UsageError(f"cannot read protection corpus {path}: {error}") from error
+    if not lines:
+        raise UsageError(f"protection corpus {path} is empty")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    world = commands.add_parser("world", help="build the built-in knowledge world")
+    world_commands = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
+    build = world_commands.add_parser("build", help="pre-train the world model (cached by its inputs)")
+    build.add_argument("--from", dest="from_file", help="learn the true facts of this edit-request file instead")
+    build.add_argument("--out", help="write the world here (default: the cache, $KDPO_HOME/worlds/KEY)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--json", action="store_true")
+    build.set_defaults(handler=cmd_world_build)
+
+    probe = commands.add_parser("probe", help="what the model answers now for each edit prompt")
+    _add_model_options(probe)
+    probe.set_defaults(handler=cmd_probe)
+
+    edit = commands.add_parser("edit", help="apply edit requests one after another and score them")
+    _add_model_options(edit)
+    settings = edit.add_argument_group("editor")
+    settings.add_argument("--method", default="kdpo", choices=sorted(EDITORS))
+    settings.add_argument("--config", help="YAML/JSON file of editor settings")
+    settings.add_argument("--set", action="append", metavar="KEY=VALUE",
+                          help="override one editor setting, e.g. --set lr=1e-3 --set modules=layers.1.mlp.down_proj")
+    settings.add_argument("--protection-corpus", help="text file (one passage a line) whose keys null-space protection keeps")
+    out = edit.add_argument_group("output")
+    out.add_argument("--output", help="write the full result (per-edit records, loss curves) as JSON here")
+    out.add_argument("--save", help="save the edited model as a Hugging Face directory here")
+    out.add_argument("--full", action="store_true", help="with --json: print the full result, not the summary")
+    edit.set_defaults(handler=cmd_edit)
+
+    evaluate = commands.add_parser("evaluate", help="score an edited model against the model before editing")
+    _add_model_options(evaluate)
+    evaluate.add_argument("--baseline-model", required=True, help="the model before editing (locality reference)")
+    evaluate.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdpo.editing import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (UsageError, EditDataError, ConfigError, ModelLoadError) as error:
+        print(f"kdpo: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The one editor interface: every method is a loss plugged into the same optimisation loop.
+
+An edit trains a fresh additive change ``delta`` on the input side of each edited linear module
+(``y = W x + (P x)^T D``), so the model's own weights stay untouched until the edit is committed,
+protection (``P``, see :mod:`kdpo.protection`) is a projection, and a constraint (FT-L) is a clamp on ``D``.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdpo.losses import answer_margin
+from kdpo.modeling import TeacherForcedBatch, chunks, encode_pairs, forward_logits
+from kdpo.protection import ProtectedSubspace
+from kdpo.requests import EditRequest
+
+PROTECTIONS = ("none", "null-space")
+
+
+@dataclass
+class EditorConfig:
+    """Settings every editor shares. Module names match as suffixes of ``model.named_modules()``."""
+
+    modules: tuple[str, ...] = ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")
+    lr: float = 1e-2
+    max_steps: int = 40
+    stop_margin: float = 4.0
+    protection: str = "null-space"
+    null_space_threshold: float = 1e-3
+    protect_edit_keys: bool = True
+
+    def validate(self) -> None:
+        if self.protection not in PROTECTIONS:
+            raise ValueError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
+        if not 0.0 < self.null_space_threshold < 1.0:
+            raise ValueError(f"null_space_threshold must be in (0, 1), got {self.null_space_threshold}")
+        if self.lr <= 0 or self.max_steps < 1:
+            raise ValueError("lr must be > 0 and max_steps >= 1")
+        if not self.modules:
+            raise ValueError("modules must name at least one linear module to edit")
+
+
+@dataclass
+class EditOutcome:
+    """What one edit did: optimisation steps, wall time, loss curve, whether the stop rule was met."""
+
+    steps: int
+    seconds: float
+    losses: list[float]
+    reached: bool
+    delta_norm: float
+    extra: dict = field(default_factory=dict)
+
+
+def find_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The module whose qualified name ends with ``name``; a clear error if none or several do."""
+    matches = [(full, module) for full, module in model.named_modules() if full == name or full.endswith("." + name)]
+    if len(matches) != 1:
+        examples = [full for full, module in model.named_modules() if full.endswith(("down_proj", "c_proj"))][:4]
+        what = "no module" if not matches else f"{len(matches)} modules"
+        raise ValueError(f"{what} named {name!r} in this model; edit a linear layer such as {examples}")
+    module = matches[0][1]
+    if getattr(module, "weight", None) is None or module.weight.dim() != 2:
+        raise ValueError(f"module {name!r} has no 2-d weight; edit a linear layer")
+    return module
+
+
+def _input_output_dims(module: torch.nn.Module) -> tuple[int, int]:
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # GPT-2's Conv1D stores (in, out)
+
+
+@contextmanager
+def capture_inputs(modules: list[torch.nn.Module]):
+    """Record the input of each module on every forward pass inside the block."""
+    captured: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = [
+        module.register_forward_hook(lambda m, args, out, store=store: store.append(args[0].detach()))
+        for module, store in zip(modules, captured)
+    ]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def key_covariance(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, modules: list[torch.nn.Module], texts: list[str],
+    batch_size: int = 64,
+) -> list[torch.Tensor]:
+    """K0^T K0 of each module's inputs at every non-pad position of ``texts``."""
+    device = next(model.parameters()).device
+    covariances = [torch.zeros(_input_output_dims(m)[0], _input_output_dims(m)[0], device=device) for m in modules]
+    for batch_texts in chunks(texts, batch_size):
+        encoded = tokenizer(batch_texts, return_tensors="pt", padding=True).to(device)
+        with capture_inputs(modules) as captured:
+            model(**encoded)
+        mask = encoded["attention_mask"].bool()
+        for covariance, store in zip(covariances, captured):
+            keys = store[0][mask].float()
+            covariance += keys.T @ keys
+    return covariances
+
+
+class Editor(ABC):
+    """Applies one edit request at a time to ``model``, in place. Subclasses define the loss."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[EditorConfig]] = EditorConfig
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: EditorConfig | None = None,
+        protected: list[ProtectedSubspace] | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or self.Config()
+        self.config.validate()
+        self.modules = [find_module(model, name) for name in self.config.modules]
+        if self.config.protection == "null-space" and protected is None:
+            raise ValueError("protection 'null-space' needs protected key subspaces (see kdpo.editing.protect)")
+        self.protected = protected if self.config.protection == "null-space" else None
+        self.device = next(model.parameters()).device
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+
+    # --- what a method defines -------------------------------------------------------------
+    def begin_edit(self, request: EditRequest, batch: TeacherForcedBatch) -> None:
+        """Per-edit preparation (reference log-probs, fixed negatives). Runs without gradients."""
+
+    @abstractmethod
+    def edit_loss(self, logits: torch.Tensor, batch: TeacherForcedBatch) -> torch.Tensor:
+        """The loss of the current step, from the positive sequence's logits."""
+
+    def constrain(self, deltas: list[torch.Tensor]) -> None:
+        """Project the trained deltas back onto the method's feasible set after a step."""
+
+    # --- the shared loop -------------------------------------------------------------------
+    def reached(self, logits: torch.Tensor, batch: TeacherForcedBatch) -> bool:
+        """Stop rule: every target token is the argmax by at least ``stop_margin`` nats."""
+        margins = answer_margin(logits.detach(), batch.labels)
+        return bool((margins > self.config.stop_margin).all()) if margins.numel() else True
+
+    def edit(self, request: EditRequest) -> EditOutcome:
+        """Optimise until the stop rule holds (or ``max_steps``), then commit the change to the weights."""
+        started = time.perf_counter()
+        batch = encode_pairs(self.tokenizer, [(request.prompt, request.target_new)], self.device)
+        projectors = [p.projector() for p in self.protected] if self.protected else [None] * len(self.modules)
+        deltas = [
+            torch.zeros(_input_output_dims(m)[0], _input_output_dims(m)[1], device=self.device, requires_grad=True)
+            for m in self.modules
+        ]
+        handles = [
+            module.register_forward_hook(self._delta_hook(delta, projector))
+            for module, delta, projector in zip(self.modules, deltas, projectors)
+        ]
+        losses: list[float] = []
+        try:
+            with torch.no_grad():
+                self.begin_edit(request, batch)
+            optimizer = torch.optim.Adam(deltas, lr=self.config.lr)
+            reached = False
+            for _ in range(self.config.max_steps):
+                logits = forward_logits(self.model, batch)
+                if self.reached(logits, batch):
+                    reached = True
+                    break
+                loss = self.edit_loss(logits, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    self.constrain(deltas)
+                losses.append(loss.item())
+            else:
+                with torch.no_grad():
+                    reached = self.reached(forward_logits(self.model, batch), batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        delta_norm = self._commit(deltas, projectors)
+        if self.protected and self.config.protect_edit_keys:
+            self._protect_request_keys(batch)
+        return EditOutcome(len(losses), time.perf_counter() - started, losses, reached, delta_norm)
+
+    @staticmethod
+    def _delta_hook(delta: torch.Tensor, projector: torch.Tensor | None):
+        def hook(module, args, output):
+            keys = args[0].float()
+            if projector is not None:
+                keys = keys @ projector
+            return output + (keys @ delta).to(output.dtype)
+
+        return hook
+
+    @torch.no_grad()
+    def _commit(self, deltas: list[torch.Tensor], projectors: list[torch.Tensor | None]) -> float:
+        total = 0.0
+        for module, delta, projector in zip(self.modules, deltas, projectors):
+            change = delta if projector is None else projector @ delta  # (in, out)
+            if isinstance(module, torch.nn.Linear):
+                change = change.T
+            module.weight += change.to(module.weight.dtype)
+            total += float(change.norm()) ** 2
+        return total**0.5
+
+    @torch.no_grad()
+    def _protect_request_keys(self, batch: TeacherForcedBatch) -> None:
+        """Add the committed edit's keys at its answer positions to every protected subspace."""
+        with capture_inputs(self.modules) as captured:
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        mask = batch.answer_mask
+        for subspace, store in zip(self.protected, captured):
+            subspace.add_keys(store[0][mask])

@@ -1,0 +1,163 @@
+"""Batched probing and evaluation of edit requests against a model."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kdpo.metrics import agreement, answer_predictions, mean, ngram_entropy, token_accuracy
+from kdpo.modeling import chunks, encode_pairs, forward_logits
+from kdpo.requests import EditRequest
+
+PROTOCOL = {
+    "edit_success": "teacher-forced token accuracy of target_new on the edit prompt (EasyEdit)",
+    "generalization": "teacher-forced token accuracy of target_new on the rephrase prompts (EasyEdit)",
+    "locality": "share of teacher-forced argmax tokens on locality prompts unchanged from the pre-edit model (EasyEdit)",
+    "portability": "teacher-forced token accuracy of the portability answers (EasyEdit)",
+    "fluency": "weighted 2/3-gram entropy of a greedy generation from the edit prompt (EasyEdit weights 2/3, 4/3)",
+    "retention": "edit success of every edit but the last, measured after the last edit",
+}
+
+
+@dataclass
+class RequestScores:
+    """Metrics of one edit request; None where the request has no probe of that kind."""
+
+    edit_success: float
+    generalization: float | None = None
+    locality: float | None = None
+    portability: float | None = None
+    fluency: float | None = None
+
+
+@dataclass
+class Probe:
+    """What a model knows about a list of requests: scores, locality fingerprints, and its answers."""
+
+    scores: list[RequestScores]
+    locality_predictions: list[list[list[int]]]
+    answers: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "scores": [asdict(s) for s in self.scores],
+            "locality_predictions": self.locality_predictions,
+            "answers": self.answers,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Probe":
+        return cls([RequestScores(**s) for s in data["scores"]], data["locality_predictions"], data["answers"])
+
+
+@torch.no_grad()
+def score_pairs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
+) -> tuple[list[float], list[list[int]]]:
+    """Teacher-forced token accuracy and argmax answer tokens of each (prompt, answer) pair."""
+    device = next(model.parameters()).device
+    accuracies: list[float] = []
+    predictions: list[list[int]] = []
+    for batch_pairs in chunks(pairs, batch_size):
+        batch = encode_pairs(tokenizer, batch_pairs, device)
+        logits = forward_logits(model, batch)
+        accuracies += token_accuracy(logits, batch.labels).tolist()
+        predictions += answer_predictions(logits, batch.labels)
+    return accuracies, predictions
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+    batch_size: int = 64,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), without the prompt."""
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    texts: list[str] = []
+    try:
+        for batch_prompts in chunks(prompts, batch_size):
+            encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(device)
+            generated = model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            texts += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [text.strip() for text in texts]
+
+
+def _flatten(requests: list[EditRequest]) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
+    """All (prompt, answer) pairs of the requests, with (request index, kind) for regrouping."""
+    pairs, owners = [], []
+    for index, request in enumerate(requests):
+        items = [("edit_success", request.prompt, request.target_new)]
+        items += [("generalization", prompt, request.target_new) for prompt in request.rephrase_prompts]
+        items += [("locality", item.prompt, item.ground_truth) for item in request.locality]
+        items += [("portability", item.prompt, item.ground_truth) for item in request.portability]
+        for kind, prompt, answer in items:
+            pairs.append((prompt, answer))
+            owners.append((index, kind))
+    return pairs, owners
+
+
+def _score_requests(model, tokenizer, requests, batch_size):
+    pairs, owners = _flatten(requests)
+    accuracies, predictions = score_pairs(model, tokenizer, pairs, batch_size)
+    grouped = [{"edit_success": [], "generalization": [], "locality": [], "portability": []} for _ in requests]
+    for (index, kind), accuracy, prediction in zip(owners, accuracies, predictions):
+        grouped[index][kind].append(prediction if kind == "locality" else accuracy)
+    return grouped
+
+
+def probe(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    fluency_tokens: int = 24,
+    batch_size: int = 64,
+) -> Probe:
+    """The pre-edit baseline: scores, locality fingerprints, greedy answers and fluency."""
+    grouped = _score_requests(model, tokenizer, requests, batch_size)
+    generations = greedy_generate(model, tokenizer, [r.prompt for r in requests], fluency_tokens, batch_size)
+    scores = [
+        RequestScores(
+            edit_success=g["edit_success"][0],
+            generalization=mean(g["generalization"]),
+            locality=1.0 if g["locality"] else None,
+            portability=mean(g["portability"]),
+            fluency=ngram_entropy(text),
+        )
+        for g, text in zip(grouped, generations)
+    ]
+    return Probe(scores, [g["locality"] for g in grouped], generations)
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    baseline_locality: list[list[list[int]]],
+    fluency_tokens: int = 24,
+    batch_size: int = 64,
+) -> list[RequestScores]:
+    """Score every request now; locality against the pre-edit fingerprints; fluency if fluency_tokens > 0."""
+    grouped = _score_requests(model, tokenizer, requests, batch_size)
+    if fluency_tokens > 0:
+        generations = greedy_generate(model, tokenizer, [r.prompt for r in requests], fluency_tokens, batch_size)
+        fluencies = [ngram_entropy(text) for text in generations]
+    else:
+        fluencies = [None] * len(requests)
+    scores = []
+    for g, before, fluency in zip(grouped, baseline_locality, fluencies):
+        locality = [agreement(b, a) for b, a in zip(before, g["locality"])]
+        scores.append(
+            RequestScores(g["edit_success"][0], mean(g["generalization"]), mean(locality), mean(g["portability"]), fluency)
+        )
+    return scores
+
+
+def summarize(scores: list[RequestScores]) -> dict[str, float | None]:
+    """Mean of each metric over the requests that have it."""
+    return {name: mean(getattr(s, name) for s in scores) for name in RequestScores.__dataclass_fields__}

@@ -1,0 +1,99 @@
+"""Loading a causal LM and turning (prompt, answer) pairs into teacher-forced batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE = -100  # label value of positions that carry no answer token
+
+
+class ModelLoadError(RuntimeError):
+    """A model path or hub id that cannot be loaded (named in the message)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (cuda when available) as a torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def load_model(
+    name_or_path: str | Path, device: str = "cpu", dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load any Hugging Face causal LM (a local directory or, with network, a hub id)."""
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a causal LM from {name_or_path!s}: {error}") from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.to(resolve_device(device))
+    model.eval()
+    return model, tokenizer
+
+
+@dataclass
+class TeacherForcedBatch:
+    """Right-padded sequences ``prompt + " " + answer``.
+
+    ``labels[b, t]`` is the answer token that ``logits[b, t]`` must predict, or ``IGNORE``;
+    so answer scoring is a gather at the label positions of one forward pass.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device) -> "TeacherForcedBatch":
+        return TeacherForcedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    @property
+    def answer_mask(self) -> torch.Tensor:
+        return self.labels != IGNORE
+
+
+def answer_token_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
+    """Token ids of ``" " + answer``, as the answer follows its prompt (EasyEdit's convention)."""
+    return tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], device: torch.device | None = None
+) -> TeacherForcedBatch:
+    """Teacher-forced batch of (prompt, answer) pairs; prompt and answer are tokenized apart."""
+    rows, label_rows = [], []
+    for prompt, answer in pairs:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        target_ids = answer_token_ids(tokenizer, answer)
+        ids = prompt_ids + target_ids
+        labels = [IGNORE] * len(ids)
+        for offset, token in enumerate(target_ids):
+            labels[len(prompt_ids) + offset - 1] = token
+        rows.append(ids)
+        label_rows.append(labels)
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    attention = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    labels = torch.tensor([row + [IGNORE] * (width - len(row)) for row in label_rows])
+    batch = TeacherForcedBatch(input_ids, attention, labels)
+    return batch.to(device) if device is not None else batch
+
+
+def forward_logits(model: PreTrainedModel, batch: TeacherForcedBatch) -> torch.Tensor:
+    """Float32 logits of one forward pass over a teacher-forced batch."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+
+
+def chunks(items: list, size: int):
+    """Consecutive slices of ``items`` of at most ``size`` elements."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,296 @@
+"""The knowledge world: a small causal LM pre-trained by the project on a fact table, so it really knows
+facts that can then be edited. The result is a normal Hugging Face model directory.
+
+Two sources of facts:
+- the shipped table (``data/facts.csv`` with ``data/relations.json`` templates): every fact is written
+  with each of its relation's templates; for the facts in the edit pool the last template is held out
+  of training, so generalization after an edit is measured on a paraphrase the model never saw;
+- any edit-request file (``--from``): its prompts, rephrases and locality prompts with their *true*
+  answers become the facts, and the file's requests become the world's edits.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from kdpo.evaluation import score_pairs
+from kdpo.loaders import load_requests, write_jsonl
+from kdpo.requests import EditRequest, PromptAnswer
+
+DATA = Path(__file__).parent / "data"
+WORLD_FORMAT = 1  # bump when the build changes what a world directory holds
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+@dataclass
+class WorldConfig:
+    """How a world is built. Every field is part of the cache key."""
+
+    seed: int = 0
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    layers: int = 4
+    heads: int = 4
+    max_epochs: int = 80
+    check_every: int = 5
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    batch_size: int = 128
+    facts_per_sequence: int = 3
+    recall_target: float = 0.995
+    edit_pool_fraction: float = 0.45
+    neighbours: int = 2
+
+
+@dataclass(frozen=True)
+class TrainingFact:
+    """A (prompt, answer) the world learns; ``kind`` is main, paraphrase or locality."""
+
+    prompt: str
+    answer: str
+    kind: str
+
+
+@dataclass
+class World:
+    """A built world on disk: the model directory, its training corpus and its default edits."""
+
+    path: Path
+    info: dict
+
+    @property
+    def edits_path(self) -> Path:
+        return self.path / "edits.jsonl"
+
+    def corpus(self) -> list[str]:
+        return (self.path / "corpus.txt").read_text().splitlines()
+
+
+def cache_root() -> Path:
+    """Where built worlds live: ``$KDPO_HOME/worlds`` (default ``~/.cache/kdpo/worlds``)."""
+    return Path(os.environ.get("KDPO_HOME", Path.home() / ".cache" / "kdpo")) / "worlds"
+
+
+# --- fact sources ------------------------------------------------------------------------------
+
+
+def table_facts(config: WorldConfig, facts_csv: Path = DATA / "facts.csv", relations_json: Path = DATA / "relations.json"):
+    """Training facts, held-out paraphrases and counterfactual edit requests from the shipped table."""
+    relations = json.loads(relations_json.read_text())
+    with open(facts_csv, newline="") as handle:
+        rows = [(r["subject"], r["relation"], r["answer"]) for r in csv.DictReader(handle)]
+    rng = random.Random(config.seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    pool = set(order[: int(len(rows) * config.edit_pool_fraction)])
+
+    training, held_out = [], []
+    for index, (subject, relation, answer) in enumerate(rows):
+        templates = relations[relation]["templates"]
+        for position, template in enumerate(templates):
+            kind = "main" if position == 0 else "paraphrase"
+            fact = TrainingFact(template.format(subject), answer, kind)
+            (held_out if index in pool and position == len(templates) - 1 else training).append(fact)
+
+    answers_of: dict[str, list[str]] = {}
+    for _, relation, answer in rows:
+        answers_of.setdefault(relation, [])
+        if answer not in answers_of[relation]:
+            answers_of[relation].append(answer)
+    probes = [i for i in range(len(rows)) if i not in pool]  # locality probes are never edited
+    edits = []
+    for index in order[: len(pool)]:
+        subject, relation, answer = rows[index]
+        templates = relations[relation]["templates"]
+        same_relation = [i for i in probes if rows[i][1] == relation and rows[i][0] != subject]
+        same_relation.sort(key=lambda i: (rows[i][2] != answer, rng.random()))  # CounterFact-style neighbours
+        same_subject = [i for i in probes if rows[i][0] == subject and rows[i][1] != relation]
+        neighbours = same_relation[: config.neighbours] + same_subject[:1]
+        edits.append(
+            EditRequest(
+                case_id=f"{relation}:{subject}",
+                subject=subject,
+                prompt=templates[0].format(subject),
+                target_new=rng.choice([a for a in answers_of[relation] if a != answer]),
+                ground_truth=answer,
+                rephrase_prompts=tuple(t.format(subject) for t in templates[1:]),
+                locality=tuple(
+                    PromptAnswer(relations[rows[i][1]]["templates"][0].format(rows[i][0]), rows[i][2]) for i in neighbours
+                ),
+            )
+        )
+    return training, held_out, edits
+
+
+def request_facts(path: Path):
+    """Training facts from an edit-request file: its prompts with their true answers."""
+    requests = [r for r in load_requests(path).requests if r.ground_truth]
+    if not requests:
+        raise ValueError(f"{path}: no request has a ground_truth, so there is no true fact to learn")
+    seen, training = set(), []
+    for request in requests:
+        items = [TrainingFact(request.prompt, request.ground_truth, "main")]
+        items += [TrainingFact(p, request.ground_truth, "paraphrase") for p in request.rephrase_prompts]
+        items += [TrainingFact(i.prompt, i.ground_truth, "locality") for i in request.locality]
+        for fact in items:
+            if fact.prompt not in seen:  # one answer per prompt: the first one wins
+                seen.add(fact.prompt)
+                training.append(fact)
+    return training, [], requests
+
+
+# --- building ----------------------------------------------------------------------------------
+
+
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the corpus: corpus words become single tokens, and any
+    other string still tokenizes (into byte pieces)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=16384, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _recall(model, tokenizer, facts: list[TrainingFact]) -> dict[str, float]:
+    """Share of facts whose every answer token is the argmax, per kind."""
+    recall = {}
+    for kind in sorted({f.kind for f in facts}):
+        selected = [(f.prompt, f.answer) for f in facts if f.kind == kind]
+        accuracies, _ = score_pairs(model, tokenizer, selected, batch_size=256)
+        recall[kind] = sum(a == 1.0 for a in accuracies) / len(accuracies)
+    return recall
+
+
+def _pack(encoded: list[list[int]], per_sequence: int, tokenizer, generator: torch.Generator) -> list[list[int]]:
+    """Shuffle the facts and pack them ``per_sequence`` at a time into ``<s> fact. fact. fact.</s>``, so the
+    model sees each fact at the start of a text and amid others, and its greedy continuations are text
+    (several facts), which makes the n-gram-entropy fluency metric meaningful."""
+    order = torch.randperm(len(encoded), generator=generator).tolist()
+    packed = []
+    for start in range(0, len(order), per_sequence):
+        ids = [tokenizer.bos_token_id]
+        for index in order[start : start + per_sequence]:
+            ids += encoded[index]
+        packed.append(ids + [tokenizer.eos_token_id])
+    return packed
+
+
+def train_world(
+    training: list[TrainingFact], held_out: list[TrainingFact], config: WorldConfig, progress: bool = True
+):
+    """Pre-train a Llama-shaped model from random init on the training facts until recall is reached."""
+    torch.manual_seed(config.seed)
+    texts = [f"{f.prompt} {f.answer}" for f in training]
+    tokenizer = build_tokenizer(texts)
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
+        max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(model_config)
+    encoded = tokenizer([f"{text}." for text in texts], add_special_tokens=False)["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    checks, recall = [], {}
+    bar = tqdm(range(1, config.max_epochs + 1), desc="pre-training the world", disable=not progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        sequences = _pack(encoded, config.facts_per_sequence, tokenizer, generator)
+        batch_size = min(config.batch_size, max(8, len(sequences) // 8))  # small worlds: >= 8 steps an epoch
+        for batch_index in torch.randperm(len(sequences), generator=generator).split(batch_size):
+            batch = [sequences[i] for i in batch_index.tolist()]
+            width = max(map(len, batch))
+            input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch])
+            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+            labels = input_ids.masked_fill(attention == 0, -100)
+            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if epoch % config.check_every == 0 or epoch == config.max_epochs:
+            model.eval()
+            recall = _recall(model, tokenizer, training)
+            checks.append({"epoch": epoch, "loss": loss.item(), **recall})
+            if min(recall.values()) >= config.recall_target:
+                break
+    model.eval()
+    recall = {**recall, **{f"held_out_{k}": v for k, v in _recall(model, tokenizer, held_out).items()}} if held_out else recall
+    return model, tokenizer, texts, {"epochs": epoch, "recall": recall, "checks": checks}
+
+
+def world_key(source_files: list[Path], config: WorldConfig) -> str:
+    """Cache key: the content of the fact sources, the build settings and the build format."""
+    digest = hashlib.sha256(json.dumps({"format": WORLD_FORMAT, "config": asdict(config)}, sort_keys=True).encode())
+    for path in source_files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_world(
+    config: WorldConfig | None = None, from_file: str | Path | None = None, out: str | Path | None = None,
+    force: bool = False, progress: bool = True,
+) -> World:
+    """Build (or reuse from the cache) a world; returns it with its metadata (recall, timings)."""
+    config = config or WorldConfig()
+    sources = [Path(from_file)] if from_file else [DATA / "facts.csv", DATA / "relations.json"]
+    key = world_key(sources, config)
+    target = Path(out) if out else cache_root() / key
+    info_path = target / "world.json"
+    if not force and info_path.exists() and json.loads(info_path.read_text()).get("key") == key:
+        return World(target, json.loads(info_path.read_text()) | {"cached": True})
+
+    started = time.perf_counter()
+    training, held_out, edits = request_facts(Path(from_file)) if from_file else table_facts(config)
+    model, tokenizer, texts, report = train_world(training, held_out, config, progress)
+    info = {
+        "key": key,
+        "source": str(from_file) if from_file else "kdpo/world/data (shipped fact table)",
+        "config": asdict(config),
+        "facts": {kind: sum(f.kind == kind for f in training) for kind in ("main", "paraphrase", "locality")},
+        "held_out_paraphrases": len(held_out),
+        "edits": len(edits),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "seconds": round(time.perf_counter() - started, 1),
+        "torch_threads": torch.get_num_threads(),
+        **report,
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "corpus.txt").write_text("\n".join(texts) + "\n")
+    write_jsonl(edits, staging / "edits.jsonl")
+    (staging / "world.json").write_text(json.dumps(info, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)  # a half-written world is never visible under its key
+    return World(target, info | {"cached": False})
+
+
+def default_world(progress: bool = True) -> World:
+    """The world built from the shipped fact table with default settings (cached)."""
+    return build_world(progress=progress)

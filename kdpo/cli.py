@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from kdpo.config import ConfigError, build_settings
 from kdpo.editors import EDITORS
 from kdpo.loaders import FORMATS, EditDataError, load_requests
 from kdpo.modeling import ModelLoadError
@@ -108,7 +109,7 @@ def summary_table(summaries: list[dict]) -> str:
 def cmd_world_build(args) -> int:
     from kdpo.world import WorldConfig, build_world
 
-    config = WorldConfig(seed=args.seed)
+    config = build_settings(WorldConfig, dict(_split_setting(item) for item in args.set or []), "world")
     world = build_world(config, from_file=args.from_file, out=args.out, force=args.force, progress=not args.json)
     if args.json:
         print(json.dumps({"path": str(world.path), **world.info}, indent=2))
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = world_commands.add_parser("build", help="pre-train the world model (cached by its inputs)")
     build.add_argument("--from", dest="from_file", help="learn the true facts of this edit-request file instead")
     build.add_argument("--out", help="write the world here (default: the cache, $KDPO_HOME/worlds/KEY)")
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one world setting, e.g. --set seed=1 --set max_facts=300")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--json", action="store_true")
     build.set_defaults(handler=cmd_world_build)
@@ -252,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdpo.editing import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

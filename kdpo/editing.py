@@ -5,7 +5,6 @@ Evaluation schedule (written into every result): each request is scored right af
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kdpo.config import ConfigError, build_settings, read_settings_file
 from kdpo.editors import EDITORS, Editor, EditorConfig
 from kdpo.editors.base import find_module, key_covariance
 from kdpo.evaluation import PROTOCOL, Probe, RequestScores, evaluate, probe, summarize
@@ -27,62 +27,12 @@ SCHEDULE = (
 )
 
 
-class ConfigError(ValueError):
-    """An editor setting that does not exist or has the wrong type."""
-
-
 def make_config(method: str, file: str | Path | None = None, overrides: dict[str, str] | None = None) -> EditorConfig:
     """The method's typed config: defaults, then a YAML/JSON file, then ``key=value`` overrides."""
     if method not in EDITORS:
         raise ConfigError(f"unknown method {method!r}; choose one of {sorted(EDITORS)}")
-    config_cls = EDITORS[method].Config
-    values: dict = {}
-    if file is not None:
-        import yaml  # JSON is YAML too
-
-        try:
-            values.update(yaml.safe_load(Path(file).read_text()) or {})
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"cannot read editor config {file}: {error}") from error
-    values.update(overrides or {})
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    typed = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"{method} has no setting {key!r}; settings: {sorted(fields)}")
-        typed[key] = _coerce(key, value, fields[key].default)
-    config = config_cls(**typed)
-    try:
-        config.validate()
-    except ValueError as error:
-        raise ConfigError(f"{method}: {error}") from error
-    return config
-
-
-def _coerce(key: str, value, default):
-    if isinstance(default, tuple):
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(item.strip() for item in items if item.strip())
-    if isinstance(value, str) and not isinstance(default, str):
-        try:
-            value = yaml_scalar(value)
-        except ValueError as error:
-            raise ConfigError(f"setting {key!r}: {error}") from error
-    if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, (type(default), int)):
-        raise ConfigError(f"setting {key!r} expects {type(default).__name__}, got {value!r}")
-    return type(default)(value)
-
-
-def yaml_scalar(text: str):
-    """Parse a CLI value the way YAML would (1e-3, true, 40)."""
-    import yaml
-
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        return yaml.safe_load(text)
+    values = read_settings_file(file) if file is not None else {}
+    return build_settings(EDITORS[method].Config, values | (overrides or {}), method)
 
 
 def protected_subspaces(

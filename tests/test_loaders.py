@@ -10,8 +10,8 @@ import pytest
 
 from kdpo.loaders import FORMATS, EditDataError, detect_format, load_requests, write_jsonl
 from kdpo.requests import EditRequest, PromptAnswer
+from shared_data import shared_file
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 COUNTERFACT = [
     {"case_id": 17, "prompt": " The mother tongue of Danielle Darrieux is ", "target_new": "English",
@@ -433,13 +433,6 @@ def test_limit_keeps_first_valid_records_and_stops_reading(tmp_path):
 
 
 # ---------------------------------------------------------------- the shared data files
-
-
-def shared_file(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip("../shared/data not present (fresh clone)")
-    return path
 
 
 def test_shared_counterfact_2k(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -50,8 +51,10 @@ class WorldConfig:
     weight_decay: float = 0.01
     batch_size: int = 128
     facts_per_sequence: int = 3
+    text_weight: float = 0.2
     recall_target: float = 0.995
     edit_pool_fraction: float = 0.45
+    max_facts: int = 0  # learn a seeded sample of this many facts of the table (0: all)
     neighbours: int = 2
 
 
@@ -93,6 +96,8 @@ def table_facts(config: WorldConfig, facts_csv: Path = DATA / "facts.csv", relat
     with open(facts_csv, newline="") as handle:
         rows = [(r["subject"], r["relation"], r["answer"]) for r in csv.DictReader(handle)]
     rng = random.Random(config.seed)
+    if config.max_facts:
+        rows = rng.sample(rows, min(config.max_facts, len(rows)))
     order = list(range(len(rows)))
     rng.shuffle(order)
     pool = set(order[: int(len(rows) * config.edit_pool_fraction)])
@@ -182,18 +187,39 @@ def _recall(model, tokenizer, facts: list[TrainingFact]) -> dict[str, float]:
     return recall
 
 
-def _pack(encoded: list[list[int]], per_sequence: int, tokenizer, generator: torch.Generator) -> list[list[int]]:
+def _encode_facts(tokenizer, facts: list[TrainingFact], text_weight: float) -> list[tuple[list[int], list[float]]]:
+    """Each fact as ``prompt answer.`` tokens with a loss weight per token: 1 on the answer tokens (and the
+    closing period), ``text_weight`` on the prompt's, so memorising facts is not drowned by the
+    unpredictable subject tokens while the model still learns the text around them."""
+    prompts = tokenizer([f.prompt for f in facts], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([f" {f.answer}." for f in facts], add_special_tokens=False)["input_ids"]
+    return [(p + a, [text_weight] * len(p) + [1.0] * len(a)) for p, a in zip(prompts, answers)]
+
+
+def _pack(encoded, per_sequence: int, tokenizer, generator: torch.Generator):
     """Shuffle the facts and pack them ``per_sequence`` at a time into ``<s> fact. fact. fact.</s>``, so the
     model sees each fact at the start of a text and amid others, and its greedy continuations are text
     (several facts), which makes the n-gram-entropy fluency metric meaningful."""
     order = torch.randperm(len(encoded), generator=generator).tolist()
     packed = []
     for start in range(0, len(order), per_sequence):
-        ids = [tokenizer.bos_token_id]
+        ids, weights = [tokenizer.bos_token_id], [0.0]
         for index in order[start : start + per_sequence]:
-            ids += encoded[index]
-        packed.append(ids + [tokenizer.eos_token_id])
+            ids += encoded[index][0]
+            weights += encoded[index][1]
+        packed.append((ids + [tokenizer.eos_token_id], weights + [1.0]))
     return packed
+
+
+def _batch_loss(model, batch, pad_id: int) -> torch.Tensor:
+    """Weighted next-token cross-entropy of a list of (ids, weights) sequences."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
+    weights = torch.tensor([w + [0.0] * (width - len(w)) for _, w in batch])
+    attention = (torch.arange(width)[None, :] < torch.tensor([len(ids) for ids, _ in batch])[:, None]).long()
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return (losses * weights[:, 1:]).sum() / weights[:, 1:].sum()
 
 
 def train_world(
@@ -210,34 +236,37 @@ def train_world(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(model_config)
-    encoded = tokenizer([f"{text}." for text in texts], add_special_tokens=False)["input_ids"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    encoded = _encode_facts(tokenizer, training, config.text_weight)
     generator = torch.Generator().manual_seed(config.seed)
+    sequences_per_epoch = -(-len(encoded) // config.facts_per_sequence)
+    batch_size = min(config.batch_size, max(8, sequences_per_epoch // 8))  # small worlds: >= 8 steps an epoch
+    total_steps = config.max_epochs * -(-sequences_per_epoch // batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    warmup = max(1, total_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to 10%
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(step / total_steps, 1.0)))
+    )
     checks, recall = [], {}
     bar = tqdm(range(1, config.max_epochs + 1), desc="pre-training the world", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
         sequences = _pack(encoded, config.facts_per_sequence, tokenizer, generator)
-        batch_size = min(config.batch_size, max(8, len(sequences) // 8))  # small worlds: >= 8 steps an epoch
         for batch_index in torch.randperm(len(sequences), generator=generator).split(batch_size):
-            batch = [sequences[i] for i in batch_index.tolist()]
-            width = max(map(len, batch))
-            input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch])
-            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
-            labels = input_ids.masked_fill(attention == 0, -100)
-            loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            loss = _batch_loss(model, [sequences[i] for i in batch_index.tolist()], tokenizer.pad_token_id)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if epoch % config.check_every == 0 or epoch == config.max_epochs:
             model.eval()
             recall = _recall(model, tokenizer, training)
-            checks.append({"epoch": epoch, "loss": loss.item(), **recall})
+            checks.append({"epoch": epoch, "loss": round(loss.item(), 4), **recall})
             if min(recall.values()) >= config.recall_target:
                 break
     model.eval()
-    recall = {**recall, **{f"held_out_{k}": v for k, v in _recall(model, tokenizer, held_out).items()}} if held_out else recall
+    if held_out:
+        recall |= {f"held_out_{kind}": value for kind, value in _recall(model, tokenizer, held_out).items()}
     return model, tokenizer, texts, {"epochs": epoch, "recall": recall, "checks": checks}
 
 

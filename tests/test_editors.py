@@ -1,0 +1,117 @@
+"""Editors on the tiny world: each method changes its target; protection; the sequential driver."""
+import pytest
+import torch
+
+from kdpo.config import ConfigError
+from kdpo.editing import SCHEDULE, build_editor, make_config, run_sequential
+from kdpo.evaluation import probe, score_pairs
+from kdpo.protection import ProtectedSubspace
+
+UNPROTECTED = {"protection": "none", "lr": "1e-3"}
+
+
+def first_editable(model, tokenizer, requests):
+    """The first request whose target the model does not already predict."""
+    accuracies, _ = score_pairs(model, tokenizer, [(r.prompt, r.target_new) for r in requests])
+    return next(r for r, a in zip(requests, accuracies) if a < 1.0)
+
+
+@pytest.mark.parametrize("method", ["kdpo", "dpo", "ft-m"])
+@pytest.mark.parametrize("protection", ["none", "null-space"])
+def test_edit_makes_target_the_argmax(tiny_world, tiny_requests, tiny_model, method, protection):
+    model, tokenizer = tiny_model
+    request = first_editable(model, tokenizer, tiny_requests)
+    editor = build_editor(model, tokenizer, method, make_config(method, overrides={"protection": protection}),
+                          tiny_world.corpus())
+    outcome = editor.edit(request)
+    accuracy, _ = score_pairs(model, tokenizer, [(request.prompt, request.target_new)])
+    assert outcome.reached and outcome.steps >= 1 and accuracy == [1.0]
+    assert outcome.delta_norm > 0 and len(outcome.losses) == outcome.steps
+
+
+def test_ft_l_respects_its_norm_constraint(tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    config = make_config("ft-l", overrides={"protection": "none", "norm_constraint": "1e-3", "max_steps": "5"})
+    editor = build_editor(model, tokenizer, "ft-l", config)
+    before = [m.weight.detach().clone() for m in editor.modules]
+    editor.edit(first_editable(model, tokenizer, tiny_requests))
+    for module, weight in zip(editor.modules, before):
+        change = (module.weight - weight).abs().max().item()
+        assert 0 < change <= 1e-3 + 1e-7
+
+
+def test_kdpo_keeps_no_second_model(tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=UNPROTECTED))
+    editor.edit(first_editable(model, tokenizer, tiny_requests))
+    # the reference is one tensor of log-probs over the positive sequence, not a model copy
+    assert isinstance(editor.reference_logprobs, torch.Tensor) and editor.reference_logprobs.dim() == 3
+    assert not any(isinstance(v, torch.nn.Module) and v is not model for v in vars(editor).values())
+
+
+def test_projection_leaves_protected_keys_unchanged():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(40, 8, generator=generator) @ torch.randn(8, 32, generator=generator)  # rank 8 in 32 dims
+    subspace = ProtectedSubspace.from_key_covariance(keys.T @ keys, threshold=1e-6)
+    assert subspace.rank == 8
+    delta = subspace.projector() @ torch.randn(32, 16, generator=generator)
+    assert torch.allclose(keys @ delta, torch.zeros(40, 16), atol=1e-4)
+    new_key = torch.randn(1, 32, generator=generator)
+    assert subspace.add_keys(new_key) == 1 and subspace.rank == 9
+    assert torch.allclose(new_key @ subspace.projector(), torch.zeros(1, 32), atol=1e-5)
+
+
+def test_protected_edit_leaves_a_protected_fact_alone(tiny_world, tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    request = first_editable(model, tokenizer, tiny_requests)
+    probes = [(item.prompt, item.ground_truth) for r in tiny_requests for item in r.locality]
+    _, before = score_pairs(model, tokenizer, probes)
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo"), tiny_world.corpus())
+    assert editor.edit(request).reached
+    _, after = score_pairs(model, tokenizer, probes)
+    unchanged = sum(b == a for b, a in zip(before, after)) / len(probes)
+    assert unchanged >= 0.95
+
+
+def test_sequential_run_records_schedule_and_both_evaluations(tiny_world, tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    requests = tiny_requests[:4]
+    seen = []
+    result = run_sequential(model, tokenizer, requests, "kdpo", corpus=tiny_world.corpus(), progress=False,
+                            on_edit=seen.append, fluency_tokens=8)
+    summary = result.summary()
+    assert result.schedule == SCHEDULE and "immediate" in SCHEDULE and "after the last edit" in SCHEDULE
+    assert [r.index for r in seen] == [0, 1, 2, 3] and len(result.final) == 4
+    assert summary["immediate"]["edit_success"] >= 0.75
+    assert 0.0 <= summary["final"]["locality"] <= 1.0 and summary["fluency_before"] is not None
+    document = result.to_dict()
+    assert document["schedule"] == SCHEDULE and set(document["protocol"]) >= {"edit_success", "locality", "retention"}
+
+
+def test_baseline_probe_scores_locality_against_itself(tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    baseline = probe(model, tokenizer, tiny_requests[:3], fluency_tokens=8)
+    assert all(s.locality == 1.0 for s in baseline.scores)
+    assert len(baseline.answers) == 3 and all(isinstance(a, str) for a in baseline.answers)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"modules": "layers.9.mlp.down_proj"}, "no module named"),
+        ({"null_space_threshold": "2"}, "null_space_threshold"),
+        ({"protection": "magic"}, "protection must be one of"),
+        ({"learning_rate": "1"}, "has no setting 'learning_rate'"),
+        ({"lr": "fast"}, "expects float"),
+    ],
+)
+def test_bad_settings_give_clear_errors(tiny_model, overrides, message):
+    model, tokenizer = tiny_model
+    with pytest.raises((ConfigError, ValueError), match=message):
+        build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=overrides), corpus=["a b c"])
+
+
+def test_null_space_without_corpus_is_a_clear_error(tiny_model):
+    model, tokenizer = tiny_model
+    with pytest.raises(ConfigError, match="needs a corpus"):
+        build_editor(model, tokenizer, "kdpo", make_config("kdpo"), corpus=None)

@@ -132,14 +132,15 @@ def cmd_probe(args) -> int:
     model, tokenizer = load_model(model_path, args.device, args.dtype)
     result = probe(model, tokenizer, requests)
     rows = [
-        {"case_id": r.case_id, "prompt": r.prompt, "answers_now": answer, "ground_truth": r.ground_truth,
-         "target_new": r.target_new, "target_new_accuracy": s.edit_success}
-        for r, answer, s in zip(requests, result.answers, result.scores)
+        {"case_id": r.case_id, "prompt": r.prompt, "answers_now": _first_sentence(generation),
+         "ground_truth": r.ground_truth, "target_new": r.target_new, "target_new_accuracy": s.edit_success,
+         "generation": generation}
+        for r, generation, s in zip(requests, result.answers, result.scores)
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(list(rows[0]), [list(row.values()) for row in rows]))
+        print(format_table(list(rows[0])[:-1], [list(row.values())[:-1] for row in rows]))
     return 0
 
 
@@ -192,6 +193,11 @@ def cmd_evaluate(args) -> int:
     else:
         print(format_table(["", *HEADLINE], [[k, *(v.get(m) for m in HEADLINE)] for k, v in summary.items()]))
     return 0
+
+
+def _first_sentence(text: str) -> str:
+    """The answer part of a greedy generation: up to the first period or line break."""
+    return text.split("\n")[0].split(".")[0].strip()
 
 
 def _split_setting(item: str) -> tuple[str, str]:

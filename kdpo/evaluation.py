@@ -111,6 +111,14 @@ def _score_requests(model, tokenizer, requests, batch_size):
     return grouped
 
 
+def _generations(model, tokenizer, requests, fluency_tokens: int, batch_size: int):
+    """Greedy generations from the edit prompts and their fluency; empty and None when fluency_tokens is 0."""
+    if fluency_tokens <= 0:
+        return [""] * len(requests), [None] * len(requests)
+    generations = greedy_generate(model, tokenizer, [r.prompt for r in requests], fluency_tokens, batch_size)
+    return generations, [ngram_entropy(text) for text in generations]
+
+
 def probe(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -120,16 +128,16 @@ def probe(
 ) -> Probe:
     """The pre-edit baseline: scores, locality fingerprints, greedy answers and fluency."""
     grouped = _score_requests(model, tokenizer, requests, batch_size)
-    generations = greedy_generate(model, tokenizer, [r.prompt for r in requests], fluency_tokens, batch_size)
+    generations, fluencies = _generations(model, tokenizer, requests, fluency_tokens, batch_size)
     scores = [
         RequestScores(
             edit_success=g["edit_success"][0],
             generalization=mean(g["generalization"]),
             locality=1.0 if g["locality"] else None,
             portability=mean(g["portability"]),
-            fluency=ngram_entropy(text),
+            fluency=fluency,
         )
-        for g, text in zip(grouped, generations)
+        for g, fluency in zip(grouped, fluencies)
     ]
     return Probe(scores, [g["locality"] for g in grouped], generations)
 
@@ -144,11 +152,7 @@ def evaluate(
 ) -> list[RequestScores]:
     """Score every request now; locality against the pre-edit fingerprints; fluency if fluency_tokens > 0."""
     grouped = _score_requests(model, tokenizer, requests, batch_size)
-    if fluency_tokens > 0:
-        generations = greedy_generate(model, tokenizer, [r.prompt for r in requests], fluency_tokens, batch_size)
-        fluencies = [ngram_entropy(text) for text in generations]
-    else:
-        fluencies = [None] * len(requests)
+    _, fluencies = _generations(model, tokenizer, requests, fluency_tokens, batch_size)
     scores = []
     for g, before, fluency in zip(grouped, baseline_locality, fluencies):
         locality = [agreement(b, a) for b, a in zip(before, g["locality"])]

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+transformers_logging.disable_progress_bar()  # our own bars say what is going on; weight loading is instant
 
 IGNORE = -100  # label value of positions that carry no answer token
 

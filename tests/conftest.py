@@ -5,7 +5,7 @@ from kdpo.world import WorldConfig, build_world
 
 TINY_WORLD = {
     "max_facts": 150, "hidden_size": 64, "intermediate_size": 256, "layers": 2, "heads": 2,
-    "max_epochs": 60, "check_every": 10, "lr": 5e-3, "batch_size": 32, "recall_target": 0.97,
+    "max_epochs": 60, "check_every": 10, "lr": 5e-3, "batch_size": 8, "recall_target": 0.97,
 }
 
 

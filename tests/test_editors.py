@@ -21,7 +21,8 @@ def first_editable(model, tokenizer, requests):
 def test_edit_makes_target_the_argmax(tiny_world, tiny_requests, tiny_model, method, protection):
     model, tokenizer = tiny_model
     request = first_editable(model, tokenizer, tiny_requests)
-    editor = build_editor(model, tokenizer, method, make_config(method, overrides={"protection": protection}),
+    settings = {"protection": protection, "max_steps": "150"}
+    editor = build_editor(model, tokenizer, method, make_config(method, overrides=settings),
                           tiny_world.corpus())
     outcome = editor.edit(request)
     accuracy, _ = score_pairs(model, tokenizer, [(request.prompt, request.target_new)])
@@ -66,7 +67,8 @@ def test_protected_edit_leaves_a_protected_fact_alone(tiny_world, tiny_model, ti
     request = first_editable(model, tokenizer, tiny_requests)
     probes = [(item.prompt, item.ground_truth) for r in tiny_requests for item in r.locality]
     _, before = score_pairs(model, tokenizer, probes)
-    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo"), tiny_world.corpus())
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides={"max_steps": "150"}),
+                          tiny_world.corpus())
     assert editor.edit(request).reached
     _, after = score_pairs(model, tokenizer, probes)
     unchanged = sum(b == a for b, a in zip(before, after)) / len(probes)

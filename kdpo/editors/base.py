@@ -32,7 +32,7 @@ class EditorConfig:
     max_steps: int = 40
     stop_margin: float = 4.0
     protection: str = "null-space"
-    null_space_threshold: float = 1e-3
+    null_space_threshold: float = 1e-4
     protect_edit_keys: bool = True
 
     def validate(self) -> None:

@@ -1,8 +1,10 @@
 """FT-L: constrained fine-tuning, as the ROME paper's baseline (and EasyEdit's FT-L) does it.
 
 The loss reads every target token off the logits at the *last prompt position* (ROME's
-``baselines/ft`` objective; identical to the NLL for one-token targets), and the change of each
-edited weight is clamped to an L-infinity ball of radius ``norm_constraint`` after every step.
+``baselines/ft`` objective; identical to the NLL for one-token targets), and the trained change is
+clamped to an L-infinity ball of radius ``norm_constraint`` after every step (with protection
+``none`` that is exactly ROME's clamp of the weights around their pre-edit values; with null-space
+protection the clamp applies before the projection).
 """
 from __future__ import annotations
 
@@ -37,6 +39,5 @@ class FTLEditor(Editor):
         return -(picked.sum(-1) / mask.sum(-1)).mean()
 
     def constrain(self, deltas):
-        # deltas are trained before the projection; clamp the effective change of the weights
         for delta in deltas:
             delta.clamp_(-self.config.norm_constraint, self.config.norm_constraint)

@@ -41,21 +41,21 @@ class WorldConfig:
     """How a world is built. Every field is part of the cache key."""
 
     seed: int = 0
-    hidden_size: int = 256
+    max_facts: int = 1000  # learn a seeded sample of this many facts of the table (0: all)
+    hidden_size: int = 128
     intermediate_size: int = 1024
     layers: int = 4
     heads: int = 4
-    max_epochs: int = 80
+    max_epochs: int = 30
     check_every: int = 5
     lr: float = 3e-3
     weight_decay: float = 0.01
-    batch_size: int = 128
+    batch_size: int = 8
+    recall_target: float = 0.99
+    edit_pool_fraction: float = 0.45
+    neighbours: int = 2
     facts_per_sequence: int = 3
     text_weight: float = 0.2
-    recall_target: float = 0.995
-    edit_pool_fraction: float = 0.45
-    max_facts: int = 0  # learn a seeded sample of this many facts of the table (0: all)
-    neighbours: int = 2
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def table_facts(config: WorldConfig, facts_csv: Path = DATA / "facts.csv", relat
             fact = TrainingFact(template.format(subject), answer, kind)
             (held_out if index in pool and position == len(templates) - 1 else training).append(fact)
 
-    answers_of: dict[str, list[str]] = {}
+    answers_of: dict[str, list[str]] = {}  # counterfactual targets: other answers the world has learned
     for _, relation, answer in rows:
         answers_of.setdefault(relation, [])
         if answer not in answers_of[relation]:
@@ -119,6 +119,9 @@ def table_facts(config: WorldConfig, facts_csv: Path = DATA / "facts.csv", relat
     edits = []
     for index in order[: len(pool)]:
         subject, relation, answer = rows[index]
+        alternatives = [a for a in answers_of[relation] if a != answer]
+        if not alternatives:
+            continue
         templates = relations[relation]["templates"]
         same_relation = [i for i in probes if rows[i][1] == relation and rows[i][0] != subject]
         same_relation.sort(key=lambda i: (rows[i][2] != answer, rng.random()))  # CounterFact-style neighbours
@@ -129,7 +132,7 @@ def table_facts(config: WorldConfig, facts_csv: Path = DATA / "facts.csv", relat
                 case_id=f"{relation}:{subject}",
                 subject=subject,
                 prompt=templates[0].format(subject),
-                target_new=rng.choice([a for a in answers_of[relation] if a != answer]),
+                target_new=rng.choice(alternatives),
                 ground_truth=answer,
                 rephrase_prompts=tuple(t.format(subject) for t in templates[1:]),
                 locality=tuple(

@@ -1,0 +1,77 @@
+"""The knowledge world: the shipped fact table, the build, the cache, and worlds from edit files."""
+import csv
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kdpo.loaders import load_requests, write_jsonl
+from kdpo.world import WorldConfig, build_world
+from kdpo.world.build import DATA, request_facts, table_facts, world_key
+from shared_data import shared_file
+
+MICRO = {"max_facts": 40, "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "max_epochs": 2}
+
+
+def test_fact_table_is_big_and_varied_enough():
+    relations = json.loads((DATA / "relations.json").read_text())
+    with open(DATA / "facts.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) >= 1000 and len(relations) >= 8
+    assert all(len(r["templates"]) >= 3 and all(t.count("{}") == 1 for t in r["templates"]) for r in relations.values())
+    assert len({(r["subject"], r["relation"]) for r in rows}) == len(rows)
+    for relation in relations:
+        assert len({r["answer"] for r in rows if r["relation"] == relation}) >= 5, relation
+
+
+def test_default_edits_are_counterfactual_and_never_probe_each_other():
+    training, held_out, edits = table_facts(WorldConfig())
+    assert len(edits) >= 100 and len({e.case_id for e in edits}) == len(edits)
+    edited_prompts = {e.prompt for e in edits}
+    for edit in edits:
+        assert edit.target_new != edit.ground_truth and edit.subject in edit.prompt
+        assert len(edit.rephrase_prompts) >= 2 and len(edit.locality) >= 2
+        assert not edited_prompts & {item.prompt for item in edit.locality}
+    # the last paraphrase of every edited fact is held out of training, for a fair generalization test
+    trained = {f.prompt for f in training}
+    assert all(e.rephrase_prompts[-1] not in trained for e in edits)
+    assert {f.prompt for f in held_out} == {e.rephrase_prompts[-1] for e in edits}
+
+
+def test_tiny_world_is_a_loadable_hf_model_that_knows_facts(tiny_world):
+    model = AutoModelForCausalLM.from_pretrained(tiny_world.path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.path)
+    assert model.config.model_type == "llama" and tokenizer.pad_token == "<pad>"
+    assert tiny_world.info["recall"]["main"] >= 0.9 and tiny_world.info["recall"]["paraphrase"] >= 0.9
+    assert len(load_requests(tiny_world.edits_path).requests) == tiny_world.info["edits"]
+    assert len(tiny_world.corpus()) == sum(tiny_world.info["facts"].values())
+
+
+def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPO_HOME", str(tmp_path / "home"))
+    config = WorldConfig(**MICRO)
+    first = build_world(config, progress=False)
+    again = build_world(config, progress=False)
+    assert again.info["cached"] is True and again.path == first.path
+    rebuilt = build_world(config, out=tmp_path / "other", progress=False)
+    for name, weight in AutoModelForCausalLM.from_pretrained(first.path).state_dict().items():
+        assert torch.equal(weight, AutoModelForCausalLM.from_pretrained(rebuilt.path).state_dict()[name]), name
+    assert world_key([DATA / "facts.csv"], WorldConfig(**MICRO, seed=1)) != world_key([DATA / "facts.csv"], config)
+
+
+def test_world_from_an_edit_file_learns_its_true_facts(tmp_path, tiny_requests):
+    path = tmp_path / "edits.jsonl"
+    write_jsonl(tiny_requests[:5], path)
+    training, held_out, requests = request_facts(path)
+    assert held_out == [] and len(requests) == 5
+    answers = {f.prompt: f.answer for f in training}
+    for request in requests:
+        assert answers[request.prompt] == request.ground_truth  # the true answer, never target_new
+        assert all(answers[item.prompt] == item.ground_truth for item in request.locality)
+    world = build_world(WorldConfig(**MICRO), from_file=path, out=tmp_path / "w", progress=False)
+    assert world.info["edits"] == 5 and world.info["source"] == str(path)
+
+
+def test_world_facts_from_shared_counterfact():
+    training, _, requests = request_facts(shared_file("counterfact-edit-2k.json"))
+    assert len(requests) == 2000 and len(training) >= 4000

@@ -19,25 +19,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from kdpo.editors.base import Editor, EditorConfig
+from kdpo.editors.base import Editor
+from kdpo.editors.dpo import DPOConfig
 from kdpo.losses import kdpo_loss, teacher_forced_negatives
 from kdpo.modeling import forward_logits
 
 
 @dataclass
-class KDPOConfig(EditorConfig):
-    beta: float = 0.1
-    nll_weight: float = 1.0
+class KDPOConfig(DPOConfig):
+    """DPO's settings (beta, nll_weight) plus how the online negative is chosen."""
+
     negative_rule: str = "argmax"  # or "runner_up": best non-target token at every position
 
     def validate(self) -> None:
         super().validate()
         if self.negative_rule not in ("argmax", "runner_up"):
             raise ValueError(f"negative_rule must be 'argmax' or 'runner_up', got {self.negative_rule!r}")
-        if self.beta <= 0 or self.nll_weight < 0:
-            raise ValueError("beta must be > 0 and nll_weight >= 0")
 
 
 class KDPOEditor(Editor):

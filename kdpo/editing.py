@@ -108,7 +108,9 @@ class SequentialResult:
             "schedule": self.schedule,
             "protocol": self.protocol,
             "config": self.config,
-            "records": [asdict(r) for r in self.records],
+            "records": [  # held: the edit's target is still fully predicted after the last edit
+                asdict(r) | {"held": final.edit_success == 1.0} for r, final in zip(self.records, self.final)
+            ],
             "final": [asdict(s) for s in self.final],
             "baseline": [asdict(s) for s in self.baseline],
         }

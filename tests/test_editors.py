@@ -88,6 +88,8 @@ def test_sequential_run_records_schedule_and_both_evaluations(tiny_world, tiny_m
     assert 0.0 <= summary["final"]["locality"] <= 1.0 and summary["fluency_before"] is not None
     document = result.to_dict()
     assert document["schedule"] == SCHEDULE and set(document["protocol"]) >= {"edit_success", "locality", "retention"}
+    assert [r["held"] for r in document["records"]] == [s.edit_success == 1.0 for s in result.final]
+    assert all(len(r["losses"]) == r["steps"] for r in document["records"])
 
 
 def test_baseline_probe_scores_locality_against_itself(tiny_model, tiny_requests):

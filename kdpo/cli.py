@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit = commands.add_parser("edit", help="apply edit requests one after another and score them")
     _add_model_options(edit)
     settings = edit.add_argument_group("editor")
-    settings.add_argument("--method", default="kdpo", choices=sorted(EDITORS))
+    settings.add_argument("--method", default="kdpo", choices=sorted(EDITORS),
+                          help="kdpo (default; online teacher-forced negatives), dpo (old answer as negative), "
+                          "ft-m (target-masked fine-tuning), ft-l (ROME's constrained fine-tuning)")
     settings.add_argument("--config", help="YAML/JSON file of editor settings")
     settings.add_argument("--set", action="append", metavar="KEY=VALUE",
                           help="override one editor setting, e.g. --set lr=1e-3 --set modules=layers.1.mlp.down_proj")

@@ -94,3 +94,13 @@ def test_skip_invalid_lists_what_it_skipped(tiny_world, tiny_requests, tmp_path,
 def test_user_mistakes_are_one_line_errors(tiny_world, capsys, argv, message):
     code, _, err = run(capsys, *argv, "--model", tiny_world.path)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_edit_in_bfloat16_with_a_config_file(tiny_world, tmp_path, capsys):
+    config = tmp_path / "kdpo.yaml"
+    config.write_text("lr: 0.02\nmax_steps: 60\nmodules: [layers.1.mlp.down_proj]\n")
+    code, out, _ = run(capsys, "edit", "--model", tiny_world.path, "--n", 2, "--dtype", "bfloat16",
+                       "--config", config, "--set", "max_steps=80", "--json")
+    document = json.loads(out)
+    assert code == 0 and document["config"]["lr"] == 0.02 and document["config"]["max_steps"] == 80
+    assert document["config"]["modules"] == ["layers.1.mlp.down_proj"]

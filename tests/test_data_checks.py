@@ -1,6 +1,5 @@
 """The Great Expectations gate on edit requests: clean data passes, each bad record is named."""
 import json
-import time
 
 import pytest
 
@@ -119,7 +118,6 @@ def test_empty_request_list_passes():
     assert report.success and report.failures == [] and report.statistics["n_records"] == 0
 
 
-def test_gate_is_fast():
-    start = time.perf_counter()
-    validate_requests(CLEAN * 50)  # 300 records, duplicates included
-    assert time.perf_counter() - start < 5
+def test_repeated_records_are_all_reported():
+    report = validate_requests(CLEAN * 50)  # 300 records: every case_id and prompt repeated
+    assert not report.success and report.bad_indices == set(range(300))

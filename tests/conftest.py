@@ -1,4 +1,7 @@
 """A tiny world, built once per test session from a sample of the shipped fact table."""
+import os
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # quiet the ephemeral API server's start/stop lines
 import pytest
 
 from kdpo.world import WorldConfig, build_world

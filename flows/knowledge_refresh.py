@@ -1,0 +1,100 @@
+"""``knowledge_refresh``: validate data -> probe baseline -> sequential edits -> evaluate -> register.
+
+One MLflow parent run per flow run (tagged with the Prefect flow-run id), a nested run per step.
+By default a refresh starts from ``models:/NAME@champion``, or from the built-in world on the first run.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from tasks.refresh import (
+    apply_edits, evaluate_refresh, probe_baseline, register_model, summary_markdown, validate_edits,
+)
+
+DEFAULT_GATES = {"min_edit_success": 0.9, "min_generalization": 0.0, "min_locality": 0.5, "max_fluency_drop": 0.5}
+
+
+def default_tracking_uri() -> str:
+    """A sqlite MLflow store inside the project folder."""
+    return f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+
+
+def starting_model(model: str | None, model_name: str) -> str:
+    """The model directory a refresh edits: the one given, the registry's champion, or the built world."""
+    if model:
+        return model
+    try:
+        return str(Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}@champion")) / "artifacts" / "model_dir")
+    except mlflow.exceptions.MlflowException:
+        from kdpo.world import default_world
+
+        return str(default_world(progress=False).path)
+
+
+@flow(name="knowledge-refresh")
+def knowledge_refresh(
+    edits_path: str | None = None,
+    model: str | None = None,
+    method: str = "kdpo",
+    settings: dict | None = None,
+    model_name: str = "kdpo-world",
+    experiment: str = "knowledge-refresh",
+    tracking_uri: str | None = None,
+    limit: int | None = None,
+    quarantine: bool = False,
+    gates: dict | None = None,
+) -> dict:
+    """Refresh a model's knowledge from an edit file and register the result (see module docstring)."""
+    logger = get_run_logger()
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    mlflow.set_experiment(experiment)
+    gates = DEFAULT_GATES | (gates or {})
+    model_dir = starting_model(model, model_name)
+    edits_path = edits_path or str(Path(model_dir) / "edits.jsonl")
+    work_dir = tempfile.mkdtemp(prefix="kdpo-refresh-")
+    with mlflow.start_run(run_name=f"refresh {Path(edits_path).name} with {method}") as parent:
+        mlflow.set_tags({"prefect.flow_run_id": str(flow_run.get_id()), "kdpo.model_name": model_name})
+        mlflow.log_params({"edits_path": edits_path, "model": model_dir, "method": method, "limit": limit})
+        parent_id = parent.info.run_id
+    requests = validate_edits(edits_path, parent_id, work_dir, quarantine)
+    requests = requests[:limit] if limit else requests
+    baseline = probe_baseline(model_dir, requests, parent_id)
+    edited_dir, summary = apply_edits(model_dir, requests, baseline, parent_id, work_dir, method, settings)
+    decision = evaluate_refresh(summary, parent_id, gates)
+    description = (f"{summary['edits']} {method} edits from {Path(edits_path).name}: final edit success "
+                   f"{summary['final']['edit_success']:.3f}, locality {summary['final']['locality']:.3f}")
+    registration = register_model(edited_dir, parent_id, model_name, decision["passed"], description)
+    with mlflow.start_run(run_id=parent_id):
+        mlflow.set_tag("kdpo.model_version", registration["version"])
+    create_markdown_artifact(summary_markdown(summary, registration, parent_id), key="knowledge-refresh")
+    logger.info("model version %s, promoted: %s", registration["version"], registration["promoted"])
+    return {"run_id": parent_id, "summary": summary, "gates": decision, **registration}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flows.knowledge_refresh [--edits FILE] [--limit N] ...``: one refresh, Prefect's ephemeral API."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--edits", dest="edits_path", help="edit-request file (default: the starting model's edits)")
+    parser.add_argument("--model", help="model directory to edit (default: models:/NAME@champion, else the world)")
+    parser.add_argument("--method", default="kdpo")
+    parser.add_argument("--model-name", default="kdpo-world")
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--quarantine", action="store_true", help="set bad records aside instead of stopping")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns.db here)")
+    args = parser.parse_args(argv)
+    result = knowledge_refresh(**vars(args))
+    print(json.dumps({k: result[k] for k in ("run_id", "version", "promoted", "gates")}, indent=2))
+    print(f"MLflow UI: mlflow ui --backend-store-uri {args.tracking_uri or default_tracking_uri()}")
+
+
+if __name__ == "__main__":
+    main()

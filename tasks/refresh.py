@@ -1,0 +1,161 @@
+"""The refresh pipeline's Prefect tasks. Each wraps a ``kdpo`` / ``data_checks`` call and logs a nested
+MLflow run (parameters, metrics, artifacts) under the flow's parent run."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from prefect import task
+
+from data_checks import split_valid, validate_requests
+from kdpo.editing import SequentialResult, make_config, run_sequential
+from kdpo.evaluation import Probe, probe
+from kdpo.loaders import load_requests, write_jsonl
+from kdpo.modeling import load_model
+from kdpo.requests import EditRequest
+from tasks.tracking import flat_metrics, step_run
+
+
+class DataGateError(RuntimeError):
+    """The edit file failed the Great Expectations gate; no model was touched."""
+
+
+@task(name="validate-edits")
+def validate_edits(edits_path: str, parent_run_id: str, work_dir: str, quarantine: bool = False) -> list[EditRequest]:
+    """Load the edit file and run the data gate; stop (or quarantine the bad records) on failure."""
+    requests = load_requests(edits_path).requests
+    docs = Path(work_dir) / "validation"
+    report = validate_requests(requests, docs_dir=docs)
+    with step_run("validate", parent_run_id, {"edits_path": edits_path, "quarantine": quarantine}):
+        mlflow.log_metrics({"validate/records": len(requests), "validate/bad_records": len(report.bad_indices)})
+        mlflow.log_artifacts(str(docs), "validation")
+        if report.success:
+            return requests
+        good, bad = split_valid(requests, report)
+        if not quarantine:
+            listing = "; ".join(f"record {f['index']} (case_id {f['case_id']}): {', '.join(f['checks'])}"
+                                for f in report.failures[:20])
+            raise DataGateError(f"{edits_path}: {len(bad)} record(s) failed the data gate: {listing}")
+        quarantined = Path(work_dir) / "quarantine.jsonl"
+        write_jsonl(bad, quarantined)
+        mlflow.log_artifact(str(quarantined), "validation")
+        return good
+
+
+@task(name="probe-baseline")
+def probe_baseline(model_dir: str, requests: list[EditRequest], parent_run_id: str) -> Probe:
+    """What the starting model answers for every edit, rephrase and locality prompt."""
+    model, tokenizer = load_model(model_dir)
+    baseline = probe(model, tokenizer, requests)
+    with step_run("probe", parent_run_id, {"model": model_dir, "requests": len(requests)}):
+        mlflow.log_metrics(flat_metrics("probe", {k: v for k, v in _means(baseline).items() if v is not None}))
+        mlflow.log_table(
+            {"case_id": [r.case_id for r in requests], "prompt": [r.prompt for r in requests],
+             "answers_now": baseline.answers, "target_new": [r.target_new for r in requests]},
+            "probe/answers.json",
+        )
+    return baseline
+
+
+@task(name="apply-edits")
+def apply_edits(
+    model_dir: str, requests: list[EditRequest], baseline: Probe, parent_run_id: str, work_dir: str,
+    method: str = "kdpo", settings: dict | None = None,
+) -> tuple[str, dict]:
+    """Sequential editing; per-edit metrics are MLflow step series (step = edit index)."""
+    config = make_config(method, overrides=settings or {})
+    model, tokenizer = load_model(model_dir)
+    corpus_file = Path(model_dir) / "corpus.txt"
+    corpus = corpus_file.read_text().splitlines() if corpus_file.exists() else None
+    with step_run("edit", parent_run_id, {"method": method, **asdict(config)}):
+        def log_edit(record):
+            mlflow.log_metrics(
+                {"edit/steps": record.steps, "edit/seconds": record.seconds, "edit/delta_norm": record.delta_norm,
+                 **flat_metrics("edit/immediate", asdict(record.immediate))},
+                step=record.index,
+            )
+
+        result: SequentialResult = run_sequential(
+            model, tokenizer, requests, method, config, corpus, baseline, progress=False, on_edit=log_edit
+        )
+        edited = Path(work_dir) / "edited-model"
+        model.save_pretrained(edited)
+        tokenizer.save_pretrained(edited)
+        if corpus_file.exists():
+            shutil.copy(corpus_file, edited / "corpus.txt")  # later refreshes keep protecting what it knows
+        result.write_json(Path(work_dir) / "result.json")
+        mlflow.log_artifact(str(Path(work_dir) / "result.json"), "edit")
+    return str(edited), result.summary()
+
+
+@task(name="evaluate")
+def evaluate_refresh(summary: dict, parent_run_id: str, gates: dict) -> dict:
+    """Log the post-edit metrics against the baseline and decide the promotion gates."""
+    final = summary["final"]
+    fluency_drop = (summary["fluency_before"] or 0) - (final["fluency"] or 0)
+    checks = {
+        "edit_success": final["edit_success"] >= gates["min_edit_success"],
+        "generalization": (final["generalization"] or 0) >= gates["min_generalization"],
+        "locality": (final["locality"] or 0) >= gates["min_locality"],
+        "fluency": fluency_drop <= gates["max_fluency_drop"],
+    }
+    with step_run("evaluate", parent_run_id, gates):
+        mlflow.log_metrics(flat_metrics("eval", {**summary, "fluency_drop": fluency_drop}))
+        mlflow.log_dict({"summary": summary, "gates": gates, "checks": checks}, "eval/gates.json")
+    return {"passed": all(checks.values()), "checks": checks}
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=2)
+def register_model(edited_dir: str, parent_run_id: str, model_name: str, promote: bool, description: str) -> dict:
+    """Log the edited model as an MLflow pyfunc, register it as ``challenger``; ``champion`` if gates passed."""
+    from tasks.pyfunc import KnowledgeModel
+
+    client = MlflowClient()
+    with step_run("register", parent_run_id, {"model_name": model_name, "promote": promote}):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=KnowledgeModel(), artifacts={"model_dir": edited_dir},
+            registered_model_name=model_name,
+        )
+    version = str(info.registered_model_version)
+    client.update_model_version(model_name, version, description=description)
+    client.set_registered_model_alias(model_name, "challenger", version)
+    previous = _alias_version(client, model_name, "champion")
+    if promote:
+        if previous is not None:
+            client.set_registered_model_alias(model_name, "previous-champion", previous)
+            client.set_model_version_tag(model_name, version, "replaced_champion", previous)
+        client.set_registered_model_alias(model_name, "champion", version)
+    return {"version": version, "promoted": promote, "previous_champion": previous}
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _means(baseline: Probe) -> dict:
+    from kdpo.evaluation import summarize
+
+    return summarize(baseline.scores)
+
+
+def summary_markdown(summary: dict, registration: dict, run_id: str) -> str:
+    """The Prefect flow-run artifact: the result table and where to find it in MLflow."""
+    rows = "\n".join(
+        f"| {schedule} | " + " | ".join(f"{summary[schedule][m]:.3f}" if summary[schedule][m] is not None else "-"
+                                       for m in ("edit_success", "generalization", "locality", "fluency")) + " |"
+        for schedule in ("immediate", "final")
+    )
+    return (
+        f"# Knowledge refresh: {summary['edits']} edits with {summary['method']}\n\n"
+        "| schedule | edit success | generalization | locality | fluency |\n|---|---|---|---|---|\n"
+        f"{rows}\n\nRetention {summary['retention']:.3f}. MLflow run `{run_id}`; model version "
+        f"{registration['version']} ({'champion' if registration['promoted'] else 'challenger only'}).\n"
+        f"\n```json\n{json.dumps(registration)}\n```\n"
+    )

@@ -1,0 +1,58 @@
+"""The knowledge-refresh flow end to end on the tiny world: MLflow runs, metrics, registry aliases."""
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.knowledge_refresh import knowledge_refresh
+from kdpo.loaders import write_jsonl
+from tasks.refresh import DataGateError
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path):
+    result = knowledge_refresh(model=str(tiny_world.path), limit=3, tracking_uri=tracking, model_name="tiny",
+                               settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
+    client = MlflowClient(tracking)
+    parent = client.get_run(result["run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["kdpo.model_version"] == result["version"]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["kdpo.step"] for c in children} == {"validate", "probe", "edit", "evaluate", "register"}
+    edit_run = next(c for c in children if c.data.tags["kdpo.step"] == "edit")
+    history = client.get_metric_history(edit_run.info.run_id, "edit/immediate/edit_success")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert edit_run.data.params["method"] == "kdpo"
+    assert str(client.get_model_version_by_alias("tiny", "challenger").version) == result["version"]
+    assert result["promoted"], result["gates"]
+    assert str(client.get_model_version_by_alias("tiny", "champion").version) == result["version"]
+    answers = mlflow.pyfunc.load_model("models:/tiny@champion").predict(["The capital of France is"])
+    assert isinstance(answers[0], str) and answers[0]
+
+
+def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking):
+    first = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, model_name="gated",
+                              settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
+    second = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, model_name="gated",
+                               gates={"min_edit_success": 1.01})
+    client = MlflowClient(tracking)
+    assert not second["promoted"]
+    assert str(client.get_model_version_by_alias("gated", "champion").version) == first["version"]
+    assert str(client.get_model_version_by_alias("gated", "challenger").version) == second["version"]
+
+
+def test_invalid_data_stops_before_any_edit(tiny_world, tiny_requests, tracking, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    broken = tiny_requests[0].to_dict() | {"target_new": tiny_requests[0].ground_truth}
+    write_jsonl(tiny_requests[1:3], bad)
+    with bad.open("a") as handle:
+        handle.write(json.dumps(broken) + "\n")
+    with pytest.raises(DataGateError, match="record 2"):
+        knowledge_refresh(edits_path=str(bad), model=str(tiny_world.path), tracking_uri=tracking, model_name="never")
+    assert MlflowClient(tracking).search_registered_models("name = 'never'") == []

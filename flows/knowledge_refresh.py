@@ -47,6 +47,7 @@ def knowledge_refresh(
     model_name: str = "kdpo-world",
     experiment: str = "knowledge-refresh",
     tracking_uri: str | None = None,
+    artifact_root: str | None = None,
     limit: int | None = None,
     quarantine: bool = False,
     gates: dict | None = None,
@@ -54,6 +55,8 @@ def knowledge_refresh(
     """Refresh a model's knowledge from an edit file and register the result (see module docstring)."""
     logger = get_run_logger()
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=Path(artifact_root or "mlartifacts").resolve().as_uri())
     mlflow.set_experiment(experiment)
     gates = DEFAULT_GATES | (gates or {})
     model_dir = starting_model(model, model_name)
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--quarantine", action="store_true", help="set bad records aside instead of stopping")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns.db here)")
+    parser.add_argument("--artifact-root", help="where a new experiment keeps artifacts (default: ./mlartifacts)")
     args = parser.parse_args(argv)
     result = knowledge_refresh(**vars(args))
     print(json.dumps({k: result[k] for k in ("run_id", "version", "promoted", "gates")}, indent=2))

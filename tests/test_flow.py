@@ -18,7 +18,7 @@ def tracking(tmp_path):
 
 
 def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path):
-    result = knowledge_refresh(model=str(tiny_world.path), limit=3, tracking_uri=tracking, model_name="tiny",
+    result = knowledge_refresh(model=str(tiny_world.path), limit=3, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="tiny",
                                settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
     client = MlflowClient(tracking)
     parent = client.get_run(result["run_id"])
@@ -36,10 +36,10 @@ def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path)
     assert isinstance(answers[0], str) and answers[0]
 
 
-def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking):
-    first = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, model_name="gated",
+def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking, tmp_path):
+    first = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
                               settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
-    second = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, model_name="gated",
+    second = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
                                gates={"min_edit_success": 1.01})
     client = MlflowClient(tracking)
     assert not second["promoted"]
@@ -54,5 +54,5 @@ def test_invalid_data_stops_before_any_edit(tiny_world, tiny_requests, tracking,
     with bad.open("a") as handle:
         handle.write(json.dumps(broken) + "\n")
     with pytest.raises(DataGateError, match="record 2"):
-        knowledge_refresh(edits_path=str(bad), model=str(tiny_world.path), tracking_uri=tracking, model_name="never")
+        knowledge_refresh(edits_path=str(bad), model=str(tiny_world.path), tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="never")
     assert MlflowClient(tracking).search_registered_models("name = 'never'") == []

@@ -45,12 +45,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _resolve_model_and_edits(args) -> tuple[str, Path | None, list[str] | None]:
     """Model path, edit file and (for worlds) the corpus the model was trained on."""
-    from kdpo.world import default_world
+    from kdpo.world import default_world, model_corpus
 
     if args.model:
         model_path = args.model
         local = Path(model_path)
-        corpus = (local / "corpus.txt").read_text().splitlines() if (local / "corpus.txt").exists() else None
+        corpus = model_corpus(local)
         edits = Path(args.edits) if args.edits else (local / "edits.jsonl" if (local / "edits.jsonl").exists() else None)
     else:
         world = default_world(progress=not args.json)

@@ -3,7 +3,6 @@ MLflow run (parameters, metrics, artifacts) under the flow's parent run."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,10 +12,11 @@ from prefect import task
 
 from data_checks import split_valid, validate_requests
 from kdpo.editing import SequentialResult, make_config, run_sequential
-from kdpo.evaluation import Probe, probe
+from kdpo.evaluation import Probe, probe, summarize
 from kdpo.loaders import load_requests, write_jsonl
 from kdpo.modeling import load_model
 from kdpo.requests import EditRequest
+from kdpo.world import model_corpus
 from tasks.tracking import flat_metrics, step_run
 
 
@@ -52,7 +52,7 @@ def probe_baseline(model_dir: str, requests: list[EditRequest], parent_run_id: s
     model, tokenizer = load_model(model_dir)
     baseline = probe(model, tokenizer, requests)
     with step_run("probe", parent_run_id, {"model": model_dir, "requests": len(requests)}):
-        mlflow.log_metrics(flat_metrics("probe", {k: v for k, v in _means(baseline).items() if v is not None}))
+        mlflow.log_metrics(flat_metrics("probe", summarize(baseline.scores)))
         mlflow.log_table(
             {"case_id": [r.case_id for r in requests], "prompt": [r.prompt for r in requests],
              "answers_now": baseline.answers, "target_new": [r.target_new for r in requests]},
@@ -69,8 +69,7 @@ def apply_edits(
     """Sequential editing; per-edit metrics are MLflow step series (step = edit index)."""
     config = make_config(method, overrides=settings or {})
     model, tokenizer = load_model(model_dir)
-    corpus_file = Path(model_dir) / "corpus.txt"
-    corpus = corpus_file.read_text().splitlines() if corpus_file.exists() else None
+    corpus = model_corpus(model_dir)
     with step_run("edit", parent_run_id, {"method": method, **asdict(config)}):
         def log_edit(record):
             mlflow.log_metrics(
@@ -85,8 +84,8 @@ def apply_edits(
         edited = Path(work_dir) / "edited-model"
         model.save_pretrained(edited)
         tokenizer.save_pretrained(edited)
-        if corpus_file.exists():
-            shutil.copy(corpus_file, edited / "corpus.txt")  # later refreshes keep protecting what it knows
+        if corpus is not None:  # later refreshes keep protecting what the model knows
+            (edited / "corpus.txt").write_text("\n".join(corpus) + "\n")
         result.write_json(Path(work_dir) / "result.json")
         mlflow.log_artifact(str(Path(work_dir) / "result.json"), "edit")
     return str(edited), result.summary()
@@ -137,12 +136,6 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None
-
-
-def _means(baseline: Probe) -> dict:
-    from kdpo.evaluation import summarize
-
-    return summarize(baseline.scores)
 
 
 def summary_markdown(summary: dict, registration: dict, run_id: str) -> str:

@@ -79,7 +79,13 @@ class World:
         return self.path / "edits.jsonl"
 
     def corpus(self) -> list[str]:
-        return (self.path / "corpus.txt").read_text().splitlines()
+        return model_corpus(self.path) or []
+
+
+def model_corpus(model_dir: str | Path) -> list[str] | None:
+    """The training corpus a world (or a model edited from one) carries in ``corpus.txt``; None if absent."""
+    path = Path(model_dir) / "corpus.txt"
+    return path.read_text().splitlines() if path.exists() else None
 
 
 def cache_root() -> Path:

@@ -56,3 +56,20 @@ def test_invalid_data_stops_before_any_edit(tiny_world, tiny_requests, tracking,
     with pytest.raises(DataGateError, match="record 2"):
         knowledge_refresh(edits_path=str(bad), model=str(tiny_world.path), tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="never")
     assert MlflowClient(tracking).search_registered_models("name = 'never'") == []
+
+
+def test_quarantine_edits_only_the_good_records(tiny_world, tiny_requests, tracking, tmp_path):
+    edits = tmp_path / "mixed.jsonl"
+    write_jsonl(tiny_requests[:2], edits)
+    with edits.open("a") as handle:
+        handle.write(json.dumps(tiny_requests[2].to_dict() | {"target_new": tiny_requests[2].ground_truth}) + "\n")
+    result = knowledge_refresh(edits_path=str(edits), model=str(tiny_world.path), tracking_uri=tracking,
+                               artifact_root=str(tmp_path / "artifacts"), model_name="quarantined", quarantine=True,
+                               settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
+    assert result["summary"]["edits"] == 2
+    client = MlflowClient(tracking)
+    children = client.search_runs([client.get_run(result["run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    validate = next(c for c in children if c.data.tags["kdpo.step"] == "validate")
+    assert validate.data.metrics["validate/bad_records"] == 1
+    assert "validation/quarantine.jsonl" in [a.path for a in client.list_artifacts(validate.info.run_id, "validation")]

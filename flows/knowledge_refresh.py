@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -31,11 +32,13 @@ def starting_model(model: str | None, model_name: str) -> str:
     if model:
         return model
     try:
-        return str(Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}@champion")) / "artifacts" / "model_dir")
+        root = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}@champion"))
     except mlflow.exceptions.MlflowException:
         from kdpo.world import default_world
 
         return str(default_world(progress=False).path)
+    flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
+    return str(root / flavor["artifacts"]["model_dir"]["path"])  # the pyfunc's copy of the HF directory
 
 
 @flow(name="knowledge-refresh")

@@ -1,5 +1,6 @@
 """The knowledge-refresh flow end to end on the tiny world: MLflow runs, metrics, registry aliases."""
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -39,9 +40,13 @@ def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path)
 def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking, tmp_path):
     first = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
                               settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
-    second = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
+    # no model given: the refresh starts from models:/gated@champion, the first refresh's edited model
+    second = knowledge_refresh(edits_path=str(tiny_world.edits_path), limit=2, tracking_uri=tracking,
+                               artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
                                gates={"min_edit_success": 1.01})
     client = MlflowClient(tracking)
+    started_from = client.get_run(second["run_id"]).data.params["model"]
+    assert started_from != str(tiny_world.path) and (Path(started_from) / "corpus.txt").exists()
     assert not second["promoted"]
     assert str(client.get_model_version_by_alias("gated", "champion").version) == first["version"]
     assert str(client.get_model_version_by_alias("gated", "challenger").version) == second["version"]

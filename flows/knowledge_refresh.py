@@ -6,6 +6,7 @@ By default a refresh starts from ``models:/NAME@champion``, or from the built-in
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -23,8 +24,8 @@ DEFAULT_GATES = {"min_edit_success": 0.9, "min_generalization": 0.0, "min_locali
 
 
 def default_tracking_uri() -> str:
-    """A sqlite MLflow store inside the project folder."""
-    return f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+    """``$MLFLOW_TRACKING_URI`` (set by ``mlflow run``), else a sqlite store inside the project folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
 
 
 def starting_model(model: str | None, model_name: str) -> str:
@@ -58,9 +59,11 @@ def knowledge_refresh(
     """Refresh a model's knowledge from an edit file and register the result (see module docstring)."""
     logger = get_run_logger()
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=Path(artifact_root or "mlartifacts").resolve().as_uri())
-    mlflow.set_experiment(experiment)
+    if "MLFLOW_RUN_ID" not in os.environ:  # under `mlflow run`, that run is the parent, in its experiment
+        if mlflow.get_experiment_by_name(experiment) is None:
+            location = Path(artifact_root or "mlartifacts").resolve().as_uri()
+            mlflow.create_experiment(experiment, artifact_location=location)
+        mlflow.set_experiment(experiment)
     gates = DEFAULT_GATES | (gates or {})
     model_dir = starting_model(model, model_name)
     edits_path = edits_path or str(Path(model_dir) / "edits.jsonl")

@@ -5,9 +5,8 @@ import mlflow
 from prefect import flow
 
 from flows.knowledge_refresh import default_tracking_uri, starting_model
-from kdpo.evaluation import evaluate, probe, summarize
+from kdpo.evaluation import compare_to_baseline
 from kdpo.loaders import load_requests
-from kdpo.modeling import load_model
 from kdpo.world import default_world
 from tasks.tracking import flat_metrics
 
@@ -23,11 +22,8 @@ def evaluate_champion(
     champion = starting_model(None, model_name)
     baseline_dir = baseline_model or str(default_world(progress=False).path)
     requests = load_requests(edits_path or f"{baseline_dir}/edits.jsonl", limit=limit).requests
-    base_model, base_tokenizer = load_model(baseline_dir)
-    baseline = probe(base_model, base_tokenizer, requests)
-    model, tokenizer = load_model(champion)
-    after = summarize(evaluate(model, tokenizer, requests, baseline.locality_predictions))
+    scores = compare_to_baseline(champion, baseline_dir, requests)
     with mlflow.start_run(run_name=f"evaluate {model_name}@champion"):
         mlflow.log_params({"champion": champion, "baseline": baseline_dir, "requests": len(requests)})
-        mlflow.log_metrics(flat_metrics("eval", {"before": summarize(baseline.scores), "after": after}))
-    return {"before": summarize(baseline.scores), "after": after}
+        mlflow.log_metrics(flat_metrics("eval", scores))
+    return scores

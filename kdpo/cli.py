@@ -175,19 +175,13 @@ def cmd_edit(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from kdpo.evaluation import evaluate, probe, summarize
-    from kdpo.modeling import load_model
+    from kdpo.evaluation import compare_to_baseline
 
     if not args.model:
         raise UsageError("evaluate needs --model (the edited model) and --baseline-model (the model before editing)")
     model_path, edits_path, _ = _resolve_model_and_edits(args)
     requests = _load_edits(args, edits_path)
-    base_model, base_tokenizer = load_model(args.baseline_model, args.device, args.dtype)
-    baseline = probe(base_model, base_tokenizer, requests)
-    del base_model
-    model, tokenizer = load_model(model_path, args.device, args.dtype)
-    scores = evaluate(model, tokenizer, requests, baseline.locality_predictions)
-    summary = {"before": summarize(baseline.scores), "after": summarize(scores)}
+    summary = compare_to_baseline(model_path, args.baseline_model, requests, args.device, args.dtype)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -7,7 +7,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpo.metrics import agreement, answer_predictions, mean, ngram_entropy, token_accuracy
-from kdpo.modeling import chunks, encode_pairs, forward_logits
+from kdpo.modeling import chunks, encode_pairs, forward_logits, load_model
 from kdpo.requests import EditRequest
 
 PROTOCOL = {
@@ -165,3 +165,16 @@ def evaluate(
 def summarize(scores: list[RequestScores]) -> dict[str, float | None]:
     """Mean of each metric over the requests that have it."""
     return {name: mean(getattr(s, name) for s in scores) for name in RequestScores.__dataclass_fields__}
+
+
+def compare_to_baseline(
+    model_path: str, baseline_path: str, requests: list[EditRequest], device: str = "cpu", dtype: str = "float32"
+) -> dict[str, dict]:
+    """Mean metrics of the model before editing (``baseline_path``) and after (``model_path``); the
+    locality of the edited model is measured against the baseline's predictions. One model in memory at a time."""
+    base_model, base_tokenizer = load_model(baseline_path, device, dtype)
+    baseline = probe(base_model, base_tokenizer, requests)
+    del base_model
+    model, tokenizer = load_model(model_path, device, dtype)
+    after = evaluate(model, tokenizer, requests, baseline.locality_predictions)
+    return {"before": summarize(baseline.scores), "after": summarize(after)}

@@ -124,7 +124,7 @@ def cmd_world_build(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from kdpo.evaluation import probe
+    from kdpo.evaluation import first_sentence, probe
     from kdpo.modeling import load_model
 
     model_path, edits_path, _ = _resolve_model_and_edits(args)
@@ -132,7 +132,7 @@ def cmd_probe(args) -> int:
     model, tokenizer = load_model(model_path, args.device, args.dtype)
     result = probe(model, tokenizer, requests)
     rows = [
-        {"case_id": r.case_id, "prompt": r.prompt, "answers_now": _first_sentence(generation),
+        {"case_id": r.case_id, "prompt": r.prompt, "answers_now": first_sentence(generation),
          "ground_truth": r.ground_truth, "target_new": r.target_new, "target_new_accuracy": s.edit_success,
          "generation": generation}
         for r, generation, s in zip(requests, result.answers, result.scores)
@@ -187,11 +187,6 @@ def cmd_evaluate(args) -> int:
     else:
         print(format_table(["", *HEADLINE], [[k, *(v.get(m) for m in HEADLINE)] for k, v in summary.items()]))
     return 0
-
-
-def _first_sentence(text: str) -> str:
-    """The answer part of a greedy generation: up to the first period or line break."""
-    return text.split("\n")[0].split(".")[0].strip()
 
 
 def _split_setting(item: str) -> tuple[str, str]:

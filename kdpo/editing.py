@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kdpo.config import ConfigError, build_settings, read_settings_file
 from kdpo.editors import EDITORS, Editor, EditorConfig
 from kdpo.editors.base import find_module, key_covariance
-from kdpo.evaluation import PROTOCOL, Probe, RequestScores, evaluate, probe, summarize
+from kdpo.evaluation import PROTOCOL, Probe, RequestScores, evaluate, evaluate_with_answers, probe, summarize
 from kdpo.metrics import mean
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest
@@ -46,7 +46,7 @@ def protected_subspaces(
         )
     modules = [find_module(model, name) for name in config.modules]
     return [
-        ProtectedSubspace.from_key_covariance(covariance, config.null_space_threshold)
+        ProtectedSubspace.from_key_covariance(covariance, config.null_space_threshold, config.null_space_rule)
         for covariance in key_covariance(model, tokenizer, modules, corpus)
     ]
 
@@ -73,6 +73,7 @@ class EditRecord:
     delta_norm: float
     losses: list[float]
     immediate: RequestScores
+    drift: dict[str, float] = field(default_factory=dict)  # per edited module: ||W - W_original||_F
 
 
 @dataclass
@@ -86,6 +87,7 @@ class SequentialResult:
     baseline: list[RequestScores]
     schedule: str = SCHEDULE
     protocol: dict = field(default_factory=lambda: dict(PROTOCOL))
+    answers: list[dict] = field(default_factory=list)  # per request: prompt, targets, greedy answer before/after
 
     def summary(self) -> dict:
         """Headline figures: immediate and final means, retention, fluency before/after, cost."""
@@ -113,6 +115,7 @@ class SequentialResult:
             ],
             "final": [asdict(s) for s in self.final],
             "baseline": [asdict(s) for s in self.baseline],
+            "answers": self.answers,
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -140,10 +143,15 @@ def run_sequential(
         immediate = evaluate(model, tokenizer, [request], [baseline.locality_predictions[index]], fluency_tokens=0)[0]
         record = EditRecord(
             index, request.case_id, outcome.steps, outcome.seconds, outcome.reached, outcome.delta_norm,
-            outcome.losses, immediate,
+            outcome.losses, immediate, outcome.drift,
         )
         records.append(record)
         if on_edit is not None:
             on_edit(record)
-    final = evaluate(model, tokenizer, requests, baseline.locality_predictions, fluency_tokens)
-    return SequentialResult(method, asdict(editor.config), records, final, baseline.scores)
+    final, generations = evaluate_with_answers(model, tokenizer, requests, baseline.locality_predictions, fluency_tokens)
+    answers = [
+        {"case_id": r.case_id, "prompt": r.prompt, "ground_truth": r.ground_truth, "target_new": r.target_new,
+         "before": before, "after": after}
+        for r, before, after in zip(requests, baseline.answers, generations)
+    ]
+    return SequentialResult(method, asdict(editor.config), records, final, baseline.scores, answers=answers)

@@ -151,15 +151,32 @@ def evaluate(
     batch_size: int = 64,
 ) -> list[RequestScores]:
     """Score every request now; locality against the pre-edit fingerprints; fluency if fluency_tokens > 0."""
+    return evaluate_with_answers(model, tokenizer, requests, baseline_locality, fluency_tokens, batch_size)[0]
+
+
+def evaluate_with_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    baseline_locality: list[list[list[int]]],
+    fluency_tokens: int = 24,
+    batch_size: int = 64,
+) -> tuple[list[RequestScores], list[str]]:
+    """``evaluate``, plus the greedy generations from the edit prompts that fluency was measured on."""
     grouped = _score_requests(model, tokenizer, requests, batch_size)
-    _, fluencies = _generations(model, tokenizer, requests, fluency_tokens, batch_size)
+    generations, fluencies = _generations(model, tokenizer, requests, fluency_tokens, batch_size)
     scores = []
     for g, before, fluency in zip(grouped, baseline_locality, fluencies):
         locality = [agreement(b, a) for b, a in zip(before, g["locality"])]
         scores.append(
             RequestScores(g["edit_success"][0], mean(g["generalization"]), mean(locality), mean(g["portability"]), fluency)
         )
-    return scores
+    return scores, generations
+
+
+def first_sentence(text: str) -> str:
+    """The answer part of a greedy generation: up to the first period or line break."""
+    return text.split("\n")[0].split(".")[0].strip()
 
 
 def summarize(scores: list[RequestScores]) -> dict[str, float | None]:

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from tasks.dashboards import refresh_run_name, report_markdown, report_refresh, version_description
 from tasks.refresh import (
     apply_edits, evaluate_refresh, probe_baseline, register_model, summary_markdown, validate_edits,
 )
@@ -68,7 +69,7 @@ def knowledge_refresh(
     model_dir = starting_model(model, model_name)
     edits_path = edits_path or str(Path(model_dir) / "edits.jsonl")
     work_dir = tempfile.mkdtemp(prefix="kdpo-refresh-")
-    with mlflow.start_run(run_name=f"refresh {Path(edits_path).name} with {method}") as parent:
+    with mlflow.start_run(run_name=f"{model_name}: {method} edits from {Path(edits_path).name}") as parent:
         mlflow.set_tags({"prefect.flow_run_id": str(flow_run.get_id()), "kdpo.model_name": model_name})
         mlflow.log_params({"edits_path": edits_path, "model": model_dir, "method": method, "limit": limit})
         parent_id = parent.info.run_id
@@ -77,14 +78,17 @@ def knowledge_refresh(
     baseline = probe_baseline(model_dir, requests, parent_id)
     edited_dir, summary = apply_edits(model_dir, requests, baseline, parent_id, work_dir, method, settings)
     decision = evaluate_refresh(summary, parent_id, gates)
-    description = (f"{summary['edits']} {method} edits from {Path(edits_path).name}: final edit success "
-                   f"{summary['final']['edit_success']:.3f}, locality {summary['final']['locality']:.3f}")
+    description = version_description(summary, edits_path, decision, parent_id)
     registration = register_model(edited_dir, parent_id, model_name, decision["passed"], description)
     with mlflow.start_run(run_id=parent_id):
         mlflow.set_tag("kdpo.model_version", registration["version"])
-    create_markdown_artifact(summary_markdown(summary, registration, parent_id), key="knowledge-refresh")
+        run_name = refresh_run_name(model_name, summary, edits_path, registration["version"])
+        mlflow.set_tag("mlflow.runName", run_name)
+    reports = report_refresh(parent_id, run_name)
+    create_markdown_artifact(summary_markdown(summary, registration, parent_id) + report_markdown(reports),
+                             key="knowledge-refresh")
     logger.info("model version %s, promoted: %s", registration["version"], registration["promoted"])
-    return {"run_id": parent_id, "summary": summary, "gates": decision, **registration}
+    return {"run_id": parent_id, "summary": summary, "gates": decision, **registration, "reports": reports}
 
 
 def main(argv: list[str] | None = None) -> None:

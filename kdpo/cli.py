@@ -8,11 +8,15 @@ Examples::
     kdpo edit --method ft-m --set lr=1e-3 --set protection=none --n 50 --json
     kdpo edit --model ./my-hf-model --edits counterfact.json --protection-corpus wiki.txt
     kdpo evaluate --model ./edited --baseline-model ./original --edits edits.jsonl
+    kdpo report result.json --out report/  # HTML report + PNG plots of a result (or of bench/results/quality.json)
+    kdpo report RUN_ID                  # the same for a refresh run in MLflow
+    kdpo report --compare --last 10     # the last 10 refreshes of the experiment, over time
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -189,6 +193,44 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """HTML report + PNGs of a result/benchmark file or an MLflow refresh run, or the last refreshes compared.
+
+    MLflow is read by ``tasks.dashboards``, imported here lazily: ``kdpo`` itself never imports MLflow.
+    """
+    from kdpo.report import ReportInputError, render, render_compare, write_report
+
+    if bool(args.source) == args.compare:
+        raise UsageError("report needs a SOURCE (result/benchmark JSON file or MLflow run id), or --compare")
+    out = Path(args.out)
+    try:
+        if args.source and Path(args.source).is_file():
+            path = render(_read_json(args.source), out)
+        elif args.source and not re.fullmatch(r"[0-9a-f]{32}", args.source):
+            raise UsageError(f"{args.source}: no such file, and not an MLflow run id")
+        else:
+            from tasks import dashboards
+
+            client = dashboards.client(args.tracking_uri)
+            if args.compare:
+                out.mkdir(parents=True, exist_ok=True)
+                experiment = dashboards.experiment_id(client, args.experiment)
+                path = write_report(render_compare(dashboards.recent_refreshes(client, experiment, args.last), out), out)
+            else:
+                path = render(dashboards.run_result(client, args.source), out)
+    except ReportInputError as error:
+        raise UsageError(f"{args.source or args.experiment}: {error}") from error
+    print(path)
+    return 0
+
+
+def _read_json(path: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"cannot read {path} as JSON: {error}") from error
+
+
 def _split_setting(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
@@ -247,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(evaluate)
     evaluate.add_argument("--baseline-model", required=True, help="the model before editing (locality reference)")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    report = commands.add_parser("report", help="HTML report and PNG plots of a result, a benchmark or MLflow refreshes")
+    report.add_argument("source", nargs="?", help="a result JSON (kdpo edit --output), bench/results/quality.json, "
+                        "or an MLflow run id (a refresh or its edit step)")
+    report.add_argument("--compare", action="store_true", help="compare the last refreshes of the experiment instead")
+    report.add_argument("--last", type=int, default=10, help="with --compare: how many refreshes (default 10)")
+    report.add_argument("--experiment", default="knowledge-refresh", help="with --compare: the MLflow experiment")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here)")
+    report.add_argument("--out", default="kdpo-report", help="folder for report.html and the PNGs (default: kdpo-report)")
+    report.set_defaults(handler=cmd_report)
     return parser
 
 

@@ -1,0 +1,319 @@
+"""Refresh reports: PNG plots and one self-contained HTML page (plots inlined as base64, no scripts).
+
+Pure: dicts in, files out. Three inputs, all written by this project:
+
+* a sequential result (``SequentialResult.to_dict()``: ``kdpo edit --output``, the flow's ``edit/result.json``):
+  radar of before / immediate / final, per-edit curves, a before/after table of the model's answers;
+* a quality benchmark (``bench/quality.py``'s JSON): one radar series and one table row per method;
+* a list of refreshes (``tasks.dashboards.recent_refreshes``): the headline metrics over time.
+
+The radar's fluency axis is fluency divided by fluency before editing (1.0 = unchanged), so that every
+axis reads "higher is better, about 1 at best"; the tables give the raw values.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from kdpo.cli import HEADLINE, _cell
+from kdpo.evaluation import RequestScores, first_sentence, summarize
+
+DPI = 100
+LINE_STYLES = ("-", "--", ":", "-.") * 4  # overlapping curves (all at 1.0, say) stay distinguishable
+MARKERS = ("o", "s", "^", "x", "D", "v", "P", "*") * 2
+RADAR_SIZE = (6.0, 6.0)  # inches; at DPI, 600 x 600 pixels
+CURVE_SIZE = (9.0, 3.2)  # 900 x 320 pixels
+LABELS = {
+    "edit_success": "edit success", "generalization": "generalization", "locality": "locality",
+    "portability": "portability", "fluency": "fluency (÷ before)", "retention": "retention",
+}
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #1d232a; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #d0d7de; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
+th { background: #f3f5f7; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.held { color: #1a7f37; font-weight: 600; } td.lost { color: #cf222e; font-weight: 600; }
+figure { margin: 1rem 0; } figcaption { font-size: 0.8rem; color: #57606a; } .meta { color: #57606a; }
+pre { background: #f6f8fa; padding: 0.75rem; font-size: 0.8rem; overflow-x: auto; }
+"""
+
+
+class ReportInputError(ValueError):
+    """The input is not a result, benchmark or refresh list this module can report on."""
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def input_kind(data) -> str:
+    """``"result"`` (a sequential result) or ``"bench"`` (a quality benchmark); else ReportInputError."""
+    if isinstance(data, dict) and "records" in data and "summary" in data:
+        return "result"
+    if isinstance(data, dict) and isinstance(data.get("rows"), list) and all("summary" in r for r in data["rows"]):
+        return "bench"
+    keys = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
+    raise ReportInputError(
+        f"not a sequential result (needs fields 'summary' and 'records') nor a quality benchmark "
+        f"(needs 'rows', each with 'summary'); got {keys}"
+    )
+
+
+def radar_point(scores: dict, fluency_before: float | None) -> dict[str, float | None]:
+    """The radar's five values: the scores as they are, fluency relative to before editing."""
+    point = {metric: scores.get(metric) for metric in HEADLINE}
+    fluency = scores.get("fluency")
+    point["fluency"] = fluency / fluency_before if fluency is not None and fluency_before else None
+    return point
+
+
+def baseline_summary(result: dict) -> dict[str, float | None]:
+    """Mean scores of the model before editing (target_new accuracy, locality 1.0 by definition)."""
+    return summarize([RequestScores(**scores) for scores in result["baseline"]])
+
+
+def result_series(result: dict) -> dict[str, dict[str, float | None]]:
+    """Radar series of a sequential result: before editing, immediate and final."""
+    summary = result["summary"]
+    return {
+        "before editing": radar_point(baseline_summary(result), summary["fluency_before"]),
+        "immediate": radar_point(summary["immediate"], summary["fluency_before"]),
+        "final": radar_point(summary["final"], summary["fluency_before"]),
+    }
+
+
+def running_mean(values: list[float]) -> list[float]:
+    """Mean of the first 1, 2, ... n values."""
+    return (np.cumsum(values) / np.arange(1, len(values) + 1)).tolist()
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def radar_png(series: dict[str, dict[str, float | None]], path: Path, title: str) -> Path:
+    """A radar chart, one polygon per series, over the metrics any series has; missing points are gaps."""
+    metrics = [m for m in HEADLINE if any(point.get(m) is not None for point in series.values())]
+    angles = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False).tolist()
+    values = {name: [np.nan if p.get(m) is None else p[m] for m in metrics] for name, p in series.items()}
+    top = max(1.0, np.nanmax([v for vs in values.values() for v in vs] + [0.0]))
+    figure = Figure(figsize=RADAR_SIZE, dpi=DPI, layout="constrained")
+    axes = figure.add_subplot(projection="polar")
+    for name, points in values.items():
+        (line,) = axes.plot(angles + angles[:1], points + points[:1], marker="o", linewidth=1.5, label=name)
+        if not np.isnan(points).any():
+            axes.fill(angles + angles[:1], points + points[:1], alpha=0.12, color=line.get_color())
+    axes.set_xticks(angles, [LABELS[m] for m in metrics])
+    axes.tick_params(axis="x", pad=12)
+    axes.set_rlabel_position(112.5)
+    axes.set_ylim(0, float(np.ceil(top * 4) / 4))
+    axes.set_title(title, pad=18)
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, -0.16), ncols=min(len(values), 3), fontsize=8, frameon=False)
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def curves_png(x: list[str] | list[int], lines: dict[str, list], path: Path, title: str, ylabel: str,
+               bars: tuple[str, list] | None = None, unit_range: bool = True) -> Path:
+    """Lines (and optional bars) over edit indices, or over labels (one tick each); None values are gaps."""
+    figure = Figure(figsize=CURVE_SIZE, dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    if x and isinstance(x[0], str):
+        x, labels = list(range(len(x))), x
+        axes.set_xticks(x, labels, rotation=20, ha="right", fontsize=7)
+    else:
+        axes.set_xlabel("edit index")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if bars is not None:
+        axes.bar(x, [np.nan if v is None else v for v in bars[1]], color="#c8d1dc", label=bars[0])
+    for (name, values), style, marker in zip(lines.items(), LINE_STYLES, MARKERS):
+        axes.plot(x, [np.nan if v is None else v for v in values], linestyle=style, marker=marker, markersize=4,
+                  label=name)
+    if unit_range:
+        axes.set_ylim(-0.03, 1.05)
+    axes.set_title(title, fontsize=10)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
+def result_plots(result: dict, out_dir: Path) -> dict[str, Path]:
+    """The result's PNGs: radar, edit success and retention, locality, weight drift."""
+    records, final = result["records"], result["final"]
+    index = [r["index"] for r in records]
+    final_es = [f["edit_success"] for f in final]
+    summary = result["summary"]
+    drift_modules = sorted({module for r in records for module in r.get("drift") or {}})
+    return {
+        "radar": radar_png(result_series(result), out_dir / "radar.png",
+                           f"{summary['method']}: {summary['edits']} sequential edits"),
+        "edits": curves_png(
+            index,
+            {"immediate edit success": [r["immediate"]["edit_success"] for r in records],
+             "final edit success (held)": final_es,
+             "retention of edits 0..i at the end": running_mean(final_es),
+             "immediate generalization": [r["immediate"]["generalization"] for r in records],
+             "final generalization": [f["generalization"] for f in final]},
+            out_dir / "edits.png", "Edit held: right after its edit and after the last edit", "token accuracy",
+        ),
+        "locality": curves_png(
+            index,
+            {"immediate locality": [r["immediate"]["locality"] for r in records],
+             "final locality": [f["locality"] for f in final]},
+            out_dir / "locality.png", "Locality drift: locality prompts unchanged from before editing", "share",
+        ),
+        "drift": curves_png(
+            index,
+            {f"{module}: distance from original": [(r.get("drift") or {}).get(module) for r in records]
+             for module in drift_modules},
+            out_dir / "drift.png", "Weight drift (Frobenius norm)", "norm",
+            bars=("this edit's update (delta norm)", [r["delta_norm"] for r in records]), unit_range=False,
+        ),
+    }
+
+
+def bench_plots(bench: dict, out_dir: Path) -> dict[str, Path]:
+    """The benchmark's radar: one series per method, final scores."""
+    series = {r["method"]: radar_point(r["summary"]["final"], r["summary"]["fluency_before"]) for r in bench["rows"]}
+    return {"radar": radar_png(series, out_dir / "radar.png", f"{bench['edits']} sequential edits, final")}
+
+
+def compare_plots(refreshes: list[dict], out_dir: Path) -> dict[str, Path]:
+    """Headline metrics over time (oldest first) and a radar of the last six refreshes."""
+    points = [radar_point(r["summary"].get("final", {}), r["summary"].get("fluency_before")) for r in refreshes]
+    lines = {LABELS[m]: [p[m] for p in points] for m in HEADLINE if any(p[m] is not None for p in points)}
+    lines["retention"] = [r["summary"].get("retention") for r in refreshes]
+    trend = curves_png([r["started"] for r in refreshes], lines, out_dir / "trend.png",
+                       "Headline metrics after each refresh's last edit", "score")
+    radar = {r["started"]: p for r, p in list(zip(refreshes, points))[-6:]}
+    return {"trend": trend, "radar": radar_png(radar, out_dir / "radar.png", "Recent refreshes, final")}
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+
+def html_table(headers: list[str], rows: list[list], table_id: str, classes: list[list[str]] | None = None) -> str:
+    """An HTML table; numbers right-aligned with 3 decimals, None as '-'; optional per-cell classes."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cells = []
+        for j, value in enumerate(row):
+            css = " ".join(filter(None, ["num" if isinstance(value, (int, float)) else "",
+                                         classes[i][j] if classes else ""]))
+            attribute = f' class="{css}"' if css else ""
+            cells.append(f"<td{attribute}>{html.escape(_cell(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def image_html(path: Path, caption: str) -> str:
+    """A figure with the PNG inlined as a data URI."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def page(title: str, sections: list[tuple[str, str]], meta: str = "") -> str:
+    """The whole document: a title, a meta line, and (heading, HTML) sections."""
+    body = "".join(f"<h2>{html.escape(heading)}</h2>{content}" for heading, content in sections)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f'<p class="meta">{html.escape(meta)}</p>{body}</body></html>')
+
+
+def answers_table(result: dict) -> str:
+    """One row per edit: prompt, old and new answer, what the model answered before and after, held."""
+    answers = result.get("answers") or [{} for _ in result["records"]]
+    rows, classes = [], []
+    for record, answer in zip(result["records"], answers):
+        rows.append([record["index"], record["case_id"], answer.get("prompt"), answer.get("ground_truth"),
+                     answer.get("target_new"), first_sentence(answer.get("before", "")) or None,
+                     first_sentence(answer.get("after", "")) or None, "held" if record["held"] else "lost"])
+        classes.append([""] * 7 + ["held" if record["held"] else "lost"])
+    headers = ["#", "case", "prompt", "old answer", "new target", "answered before", "answered after", "after last edit"]
+    return html_table(headers, rows, "answers", classes)
+
+
+def render_result(result: dict, out_dir: Path, title: str | None = None) -> str:
+    """The HTML report of one sequential result; writes its PNGs into ``out_dir``."""
+    summary = result["summary"]
+    plots = result_plots(result, out_dir)
+    before = baseline_summary(result)
+    scores = [["before editing", *(before[m] for m in HEADLINE)]]
+    scores += [[schedule, *(summary[schedule][m] for m in HEADLINE)] for schedule in ("immediate", "final")]
+    costs = [[summary["retention"], summary["fluency_before"], summary["seconds_per_edit"], summary["steps_per_edit"],
+              summary["reached_stop_rule"]]]
+    unmeasured = [LABELS[m] for m in HEADLINE if all(row[1 + HEADLINE.index(m)] is None for row in scores)]
+    sections = [
+        ("Summary", html_table(["schedule", *HEADLINE], scores, "summary")
+         + html_table(["retention", "fluency before", "s/edit", "steps/edit", "reached stop rule"], costs, "costs")
+         + f"<p>{html.escape(result['schedule'])}</p>"),
+        ("Radar", image_html(plots["radar"], "before editing, right after each edit (immediate), after the last edit "
+                             "(final); fluency relative to before editing"
+                             + (f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""))),
+        ("Per-edit curves", image_html(plots["edits"], "edit success and generalization of each edit right after it "
+                                       "and after the last edit; retention: share of edits 0..i still held at the end")
+         + image_html(plots["locality"], "locality of each edit's locality prompts right after the edit and at the end")
+         + image_html(plots["drift"], "norm of each edit's weight update; distance of each edited matrix from the "
+                      "original where the result records it")),
+        ("Before and after each edit", answers_table(result)),
+        ("Settings", f"<pre>{html.escape(json.dumps(result['config'], indent=2))}</pre>"),
+    ]
+    title = title or f"Knowledge refresh: {summary['edits']} sequential edits with {summary['method']}"
+    return page(title, sections, "Scores are EasyEdit's metrics (see protocol in the result).")
+
+
+def render_bench(bench: dict, out_dir: Path) -> str:
+    """The HTML report of a quality benchmark: one row and one radar series per method."""
+    plots = bench_plots(bench, out_dir)
+    rows = [
+        [r["method"], r["summary"]["immediate"]["edit_success"], *(r["summary"]["final"].get(m) for m in HEADLINE),
+         r["summary"]["retention"], r["summary"]["fluency_before"], r["summary"]["seconds_per_edit"]]
+        for r in bench["rows"]
+    ]
+    headers = ["method", "ES immediate", *(f"{m} final" for m in HEADLINE), "retention", "fluency before", "s/edit"]
+    sections = [("Methods", html_table(headers, rows, "methods")),
+                ("Radar", image_html(plots["radar"], "final scores per method; fluency relative to before editing"))]
+    return page(f"Quality benchmark: {bench['edits']} sequential edits", sections, bench.get("schedule", ""))
+
+
+def render_compare(refreshes: list[dict], out_dir: Path) -> str:
+    """The HTML comparison of refreshes (oldest first): a table and the headline metrics over time."""
+    if not refreshes:
+        raise ReportInputError("no refreshes to compare (no finished evaluate step in the experiment)")
+    plots = compare_plots(refreshes, out_dir)
+    rows = [
+        [r["started"], r["name"], r.get("method"), r["summary"].get("edits"), r.get("model_version"),
+         *(r["summary"].get("final", {}).get(m) for m in HEADLINE), r["summary"].get("retention"),
+         r["summary"].get("seconds_per_edit"), r["run_id"]]
+        for r in refreshes
+    ]
+    headers = ["started (UTC)", "run", "method", "edits", "version", *(f"{m} final" for m in HEADLINE),
+               "retention", "s/edit", "run id"]
+    sections = [("Refreshes", html_table(headers, rows, "refreshes")),
+                ("Over time", image_html(plots["trend"], "final scores of each refresh; fluency relative to before")),
+                ("Radar", image_html(plots["radar"], "the last six refreshes, final scores"))]
+    return page(f"Knowledge refreshes: the last {len(refreshes)}", sections)
+
+
+def write_report(html_text: str, out_dir: Path) -> Path:
+    """``out_dir/report.html``."""
+    path = Path(out_dir) / "report.html"
+    path.write_text(html_text)
+    return path
+
+
+def render(data, out_dir: str | Path) -> Path:
+    """Write the report of a result or benchmark dict (see ``input_kind``) into ``out_dir``; returns the HTML path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    renderer = {"result": render_result, "bench": render_bench}[input_kind(data)]
+    return write_report(renderer(data, out_dir), out_dir)

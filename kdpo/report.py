@@ -4,7 +4,8 @@ Pure: dicts in, files out. Three inputs, all written by this project:
 
 * a sequential result (``SequentialResult.to_dict()``: ``kdpo edit --output``, the flow's ``edit/result.json``):
   radar of before / immediate / final, per-edit curves, a before/after table of the model's answers;
-* a quality benchmark (``bench/quality.py``'s JSON): one radar series and one table row per method;
+* a benchmark report (``bench/compare.py``'s ``report.json``: ``edits`` and ``rows``, each with a
+  ``summary``): one radar series and one table row per method;
 * a list of refreshes (``tasks.dashboards.recent_refreshes``): the headline metrics over time.
 
 The radar's fluency axis is fluency divided by fluency before editing (1.0 = unchanged), so that every
@@ -34,13 +35,13 @@ LABELS = {
     "portability": "portability", "fluency": "fluency (÷ before)", "retention": "retention",
 }
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #1d232a; }
+body { font-family: system-ui, sans-serif; margin: 2rem auto; padding: 0 1.5rem; max-width: 1100px; color: #1d232a; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #d0d7de; }
 table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
 th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
 th { background: #f3f5f7; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.held { color: #1a7f37; font-weight: 600; } td.lost { color: #cf222e; font-weight: 600; }
-figure { margin: 1rem 0; } figcaption { font-size: 0.8rem; color: #57606a; } .meta { color: #57606a; }
+figure { margin: 1rem 0; } img { max-width: 100%; } figcaption { font-size: 0.8rem; color: #57606a; } .meta { color: #57606a; }
 pre { background: #f6f8fa; padding: 0.75rem; font-size: 0.8rem; overflow-x: auto; }
 """
 
@@ -53,14 +54,14 @@ class ReportInputError(ValueError):
 
 
 def input_kind(data) -> str:
-    """``"result"`` (a sequential result) or ``"bench"`` (a quality benchmark); else ReportInputError."""
+    """``"result"`` (a sequential result) or ``"bench"`` (a benchmark report); else ReportInputError."""
     if isinstance(data, dict) and "records" in data and "summary" in data:
         return "result"
     if isinstance(data, dict) and isinstance(data.get("rows"), list) and all("summary" in r for r in data["rows"]):
         return "bench"
     keys = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
     raise ReportInputError(
-        f"not a sequential result (needs fields 'summary' and 'records') nor a quality benchmark "
+        f"not a sequential result (needs fields 'summary' and 'records') nor a benchmark report "
         f"(needs 'rows', each with 'summary'); got {keys}"
     )
 
@@ -110,7 +111,7 @@ def radar_png(series: dict[str, dict[str, float | None]], path: Path, title: str
             axes.fill(angles + angles[:1], points + points[:1], alpha=0.12, color=line.get_color())
     axes.set_xticks(angles, [LABELS[m] for m in metrics])
     axes.tick_params(axis="x", pad=12)
-    axes.set_rlabel_position(112.5)
+    axes.set_rlabel_position(180 / max(len(metrics), 1))  # between the first two axes
     axes.set_ylim(0, float(np.ceil(top * 4) / 4))
     axes.set_title(title, pad=18)
     axes.legend(loc="lower center", bbox_to_anchor=(0.5, -0.16), ncols=min(len(values), 3), fontsize=8, frameon=False)
@@ -199,6 +200,11 @@ def compare_plots(refreshes: list[dict], out_dir: Path) -> dict[str, Path]:
 # --- HTML -------------------------------------------------------------------------------------
 
 
+def column(metric: str) -> str:
+    """A metric's name as a table header."""
+    return metric.replace("_", " ")
+
+
 def html_table(headers: list[str], rows: list[list], table_id: str, classes: list[list[str]] | None = None) -> str:
     """An HTML table; numbers right-aligned with 3 decimals, None as '-'; optional per-cell classes."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
@@ -253,7 +259,7 @@ def render_result(result: dict, out_dir: Path, title: str | None = None) -> str:
               summary["reached_stop_rule"]]]
     unmeasured = [LABELS[m] for m in HEADLINE if all(row[1 + HEADLINE.index(m)] is None for row in scores)]
     sections = [
-        ("Summary", html_table(["schedule", *HEADLINE], scores, "summary")
+        ("Summary", html_table(["schedule", *map(column, HEADLINE)], scores, "summary")
          + html_table(["retention", "fluency before", "s/edit", "steps/edit", "reached stop rule"], costs, "costs")
          + f"<p>{html.escape(result['schedule'])}</p>"),
         ("Radar", image_html(plots["radar"], "before editing, right after each edit (immediate), after the last edit "
@@ -272,17 +278,18 @@ def render_result(result: dict, out_dir: Path, title: str | None = None) -> str:
 
 
 def render_bench(bench: dict, out_dir: Path) -> str:
-    """The HTML report of a quality benchmark: one row and one radar series per method."""
+    """The HTML report of a benchmark: one row and one radar series per method."""
     plots = bench_plots(bench, out_dir)
     rows = [
         [r["method"], r["summary"]["immediate"]["edit_success"], *(r["summary"]["final"].get(m) for m in HEADLINE),
          r["summary"]["retention"], r["summary"]["fluency_before"], r["summary"]["seconds_per_edit"]]
         for r in bench["rows"]
     ]
-    headers = ["method", "ES immediate", *(f"{m} final" for m in HEADLINE), "retention", "fluency before", "s/edit"]
+    headers = ["method", "edit success immediate", *(f"{column(m)} final" for m in HEADLINE), "retention",
+               "fluency before", "s/edit"]
     sections = [("Methods", html_table(headers, rows, "methods")),
                 ("Radar", image_html(plots["radar"], "final scores per method; fluency relative to before editing"))]
-    return page(f"Quality benchmark: {bench['edits']} sequential edits", sections, bench.get("schedule", ""))
+    return page(f"Benchmark: {bench['edits']} sequential edits", sections, bench.get("schedule", ""))
 
 
 def render_compare(refreshes: list[dict], out_dir: Path) -> str:
@@ -296,7 +303,7 @@ def render_compare(refreshes: list[dict], out_dir: Path) -> str:
          r["summary"].get("seconds_per_edit"), r["run_id"]]
         for r in refreshes
     ]
-    headers = ["started (UTC)", "run", "method", "edits", "version", *(f"{m} final" for m in HEADLINE),
+    headers = ["started (UTC)", "run", "method", "edits", "version", *(f"{column(m)} final" for m in HEADLINE),
                "retention", "s/edit", "run id"]
     sections = [("Refreshes", html_table(headers, rows, "refreshes")),
                 ("Over time", image_html(plots["trend"], "final scores of each refresh; fluency relative to before")),

@@ -11,9 +11,6 @@ Examples::
     kdpo report result.json --out report/  # HTML report + PNG plots of a result (or of a benchmark's report.json)
     kdpo report RUN_ID                  # the same for a refresh run in MLflow
     kdpo report --compare --last 10     # the last 10 refreshes of the experiment, over time
-    kdpo report result.json --out report/  # HTML report + PNG plots of a result (or of bench/results/quality.json)
-    kdpo report RUN_ID                  # the same for a refresh run in MLflow
-    kdpo report --compare --last 10     # the last 10 refreshes of the experiment, over time
 """
 from __future__ import annotations
 
@@ -295,16 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="HTML report and PNG plots of a result, a benchmark or MLflow refreshes")
     report.add_argument("source", nargs="?", help="a result JSON (kdpo edit --output), a benchmark's report.json (bench.compare), "
-                        "or an MLflow run id (a refresh or its edit step)")
-    report.add_argument("--compare", action="store_true", help="compare the last refreshes of the experiment instead")
-    report.add_argument("--last", type=int, default=10, help="with --compare: how many refreshes (default 10)")
-    report.add_argument("--experiment", default="knowledge-refresh", help="with --compare: the MLflow experiment")
-    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db here)")
-    report.add_argument("--out", default="kdpo-report", help="folder for report.html and the PNGs (default: kdpo-report)")
-    report.set_defaults(handler=cmd_report)
-
-    report = commands.add_parser("report", help="HTML report and PNG plots of a result, a benchmark or MLflow refreshes")
-    report.add_argument("source", nargs="?", help="a result JSON (kdpo edit --output), bench/results/quality.json, "
                         "or an MLflow run id (a refresh or its edit step)")
     report.add_argument("--compare", action="store_true", help="compare the last refreshes of the experiment instead")
     report.add_argument("--last", type=int, default=10, help="with --compare: how many refreshes (default 10)")

@@ -1,0 +1,356 @@
+"""Benchmark: KDPO, DPO, FT-L and FT-M with N sequential edits on a world that learned an edit file's facts.
+
+    python -m bench.compare --edits-file ../shared/data/zsre_mend-500.json --edits 25,50,100,200,500
+    python -m bench.compare --edits-file ../shared/data/counterfact-edit-2k.json --edits 25,50,100,200,500
+    python -m bench.compare --edits 25,50,100,200      # the default world (kdpo world build), no edit file
+    python -m bench.compare --edits 30 --methods kdpo,ft-m --set protection=none --world-set seed=1
+
+Builds (or reuses from the cache) the world that learned the file's true facts (``kdpo world build --from``),
+runs each method in a process of its own (so the peak memory is that method's alone) for max(N) edits,
+evaluating after every N, and writes ``bench/results/<name>/report.{md,json}`` (plus each method's full
+per-edit result). Each method is one MLflow run (experiment ``kdpo-benchmark``, under one parent run per
+benchmark) with the report as an artifact.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.measure import BUDGET_FORMULA, PEAK_FORMULA, Job, measure_method
+from kdpo.cli import UsageError, _split_setting, format_table
+from kdpo.config import ConfigError, build_settings
+from kdpo.editing import SCHEDULE, make_config
+from kdpo.evaluation import PROTOCOL
+from kdpo.loaders import EditDataError
+from kdpo.modeling import ModelLoadError
+from kdpo.world import World, WorldConfig, build_world
+from kdpo.world.build import DATA, world_key
+
+METHODS = ("kdpo", "dpo", "ft-l", "ft-m")
+EXPERIMENT = "kdpo-benchmark"
+QUALITY_TARGETS = {"edit_success": 0.95, "generalization": 0.80, "locality": 0.90, "retention": 0.85}
+SPEED_TARGET = 0.1  # seconds per KDPO edit on the default world
+MEMORY_TARGET = 1.5  # peak over (model + trained-delta state)
+DEFAULT_SOURCES = [DATA / "facts.csv", DATA / "relations.json"]  # the default world's sources, as build_world keys them
+
+
+def parse_counts(text: str) -> tuple[int, ...]:
+    """``"100,500"`` -> ``(100, 500)``: sorted, distinct, positive."""
+    try:
+        counts = sorted({int(item) for item in text.split(",") if item.strip()})
+    except ValueError:
+        raise UsageError(f"--edits expects comma-separated edit counts such as 100,500, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise UsageError(f"--edits expects positive edit counts, got {text!r}")
+    return tuple(counts)
+
+
+def prepare_world(args: argparse.Namespace) -> World:
+    """``--world DIR`` as it is, else the world that learned ``--edits-file``'s true facts, else the default
+    world (both built with ``--world-set`` settings, or reused from the cache)."""
+    if args.world:
+        info_path = Path(args.world) / "world.json"
+        if not info_path.exists():
+            raise UsageError(f"--world {args.world} is not a built world (it has no world.json)")
+        return World(Path(args.world), json.loads(info_path.read_text()) | {"cached": True})
+    config = build_settings(WorldConfig, dict(_split_setting(item) for item in args.world_set or []), "world")
+    return build_world(config, from_file=args.edits_file, progress=not args.quiet)
+
+
+def world_summary(world: World) -> dict:
+    """What the report says about the world, including whether its build reached the recall bar."""
+    info = world.info
+    trained = {kind: value for kind, value in info["recall"].items() if not kind.startswith("held_out")}
+    return {
+        "path": str(world.path), "source": info["source"], "parameters": info["parameters"],
+        "vocab_size": info["vocab_size"], "facts": info["facts"], "edit_requests": info["edits"],
+        "recall": info["recall"], "recall_target": info["config"]["recall_target"],
+        "recall_reached": min(trained.values()) >= info["config"]["recall_target"],
+        "epochs": info["epochs"], "build_seconds": info["seconds"], "cached": info.get("cached", False),
+    }
+
+
+def run_isolated(job: Job) -> dict:
+    """``measure_method(job)`` in a freshly spawned process (its own memory peak, no state shared)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(measure_method, job).result()
+
+
+def mean_of_four(summary: dict) -> float:
+    """Mean of final edit success, generalization, locality and retention (None counts as 0)."""
+    final = summary["final"]
+    values = [final["edit_success"], final["generalization"], final["locality"], summary["retention"]]
+    return sum(v or 0.0 for v in values) / 4
+
+
+def eval_curve(row: dict) -> dict:
+    """Seconds of the final evaluation at each edit count, per request, and a least-squares line."""
+    points = [(s["edits"], s["final_eval_seconds"]) for s in row["by_count"]]
+    curve = {"points": [{"edits": n, "seconds": t, "seconds_per_request": t / n} for n, t in points]}
+    if len(points) >= 2:
+        slope, intercept = statistics.linear_regression(*zip(*points))
+        curve |= {"slope_seconds_per_request": slope, "intercept_seconds": intercept}
+    return curve
+
+
+def speed_summary(rows: list[dict]) -> dict:
+    """Seconds per edit of each method at the largest count, KDPO / FT-M, and the evaluation-cost curves."""
+    per_edit = {row["method"]: row["by_count"][-1]["seconds_per_edit"] for row in rows}
+    speed = {"seconds_per_edit": per_edit, "eval_curves": {row["method"]: eval_curve(row) for row in rows}}
+    if "kdpo" in per_edit and "ft-m" in per_edit:
+        speed["kdpo_over_ft_m"] = per_edit["kdpo"] / per_edit["ft-m"]
+    return speed
+
+
+def target_checks(rows: list[dict], default_world: bool) -> list[dict]:
+    """KDPO's measured figures at the largest count against the project's targets."""
+    kdpo = next((row for row in rows if row["method"] == "kdpo"), None)
+    if kdpo is None:
+        return []
+    last = kdpo["by_count"][-1]
+    measured = {"edit_success": last["final"]["edit_success"], "generalization": last["final"]["generalization"],
+                "locality": last["final"]["locality"], "retention": last["retention"]}
+    checks = [{"target": f"{name} (final) >= {bound}", "measured": measured[name],
+               "met": measured[name] is not None and measured[name] >= bound} for name, bound in QUALITY_TARGETS.items()]
+    if default_world:
+        checks.append({"target": f"seconds per KDPO edit on the default world <= {SPEED_TARGET}",
+                       "measured": last["seconds_per_edit"], "met": last["seconds_per_edit"] <= SPEED_TARGET})
+    ratio = kdpo["memory"].get("cuda_ratio", kdpo["memory"].get("ratio"))
+    if ratio is not None:
+        checks.append({"target": f"peak memory / (model + trained-delta state) <= {MEMORY_TARGET}",
+                       "measured": ratio, "met": ratio <= MEMORY_TARGET})
+    return checks
+
+
+def build_report(name: str, edits_file: str | None, world: World, counts: tuple[int, ...], rows: list[dict],
+                 device: str, dtype: str) -> dict:
+    """The benchmark's JSON report: world, settings, per-method results, speed, memory, target checks."""
+    for row in rows:
+        for summary in row["by_count"]:
+            summary["mean_of_four"] = mean_of_four(summary)
+    return {
+        "name": name, "edits_file": edits_file, "world": world_summary(world), "counts": list(counts),
+        "device": device, "dtype": dtype,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": rows[0]["torch_threads"]},
+        "schedule": SCHEDULE, "protocol": PROTOCOL,
+        "memory_formula": {"peak": PEAK_FORMULA, "budget": BUDGET_FORMULA, "ratio": "peak / budget"},
+        "edits": counts[-1], "rows": rows, "speed": speed_summary(rows),  # `kdpo report` reads edits and rows
+        "targets": target_checks(rows, default_world=world.info["key"] == world_key(DEFAULT_SOURCES, WorldConfig())),
+    }
+
+
+def quality_table(report: dict) -> str:
+    with_portability = any(s["final"]["portability"] is not None for row in report["rows"] for s in row["by_count"])
+    headers = ["method", "edits", "ES imm.", "ES final", "GEN final", "LOC final", *(["PORT final"] * with_portability),
+               "RET final", "mean of 4", "fluency final", "s/edit"]
+    rows = []
+    for count in report["counts"]:
+        for row in report["rows"]:
+            s = next(s for s in row["by_count"] if s["edits"] == count)
+            final = s["final"]
+            rows.append([row["method"], count, s["immediate"]["edit_success"], final["edit_success"],
+                         final["generalization"], final["locality"], *([final["portability"]] * with_portability),
+                         s["retention"], s["mean_of_four"], final["fluency"], s["seconds_per_edit"]])
+    return format_table(headers, rows)
+
+
+def speed_tables(report: dict) -> list[str]:
+    methods = report["rows"]
+    windows = list(methods[0]["edit_seconds_by_window"])
+    per_edit = format_table(
+        ["method", *(f"s/edit {w}" for w in windows), "steps/edit", "wall s", "load avg (1 min) after"],
+        [[r["method"], *r["edit_seconds_by_window"].values(), r["by_count"][-1]["steps_per_edit"], r["wall_seconds"],
+          r["load_average"][0]] for r in methods],
+    )
+    curves = report["speed"]["eval_curves"]
+    curve_rows = [
+        [count, *(next(p for p in curves[r["method"]]["points"] if p["edits"] == count)["seconds"] for r in methods),
+         *(1000 * next(p for p in curves[r["method"]]["points"] if p["edits"] == count)["seconds_per_request"]
+           for r in methods)]
+        for count in report["counts"]
+    ]
+    curve = format_table(["edits", *(f"{r['method']} s" for r in methods), *(f"{r['method']} ms/req" for r in methods)],
+                         curve_rows)
+    fits = [f"- {method}: {c['slope_seconds_per_request'] * 1000:.2f} ms per request + {c['intercept_seconds']:.2f} s"
+            for method, c in curves.items() if "slope_seconds_per_request" in c]
+    return [per_edit, curve, "\n".join(fits)]
+
+
+def memory_table(report: dict) -> str:
+    cuda = any("cuda_peak_allocated_mb" in r["memory"] for r in report["rows"])
+    headers = ["method", "model MB", "deltas MB", "budget MB", "RSS before load", "after load", "peak before editing",
+               "peak", "peak - before load", "ratio", *(["CUDA peak MB", "CUDA ratio"] * cuda)]
+    keys = ("model_mb", "trained_delta_mb", "budget_mb", "rss_before_load_mb", "rss_after_load_mb",
+            "rss_peak_after_probe_mb", "peak_rss_mb", "peak_over_baseline_mb", "ratio")
+    rows = [[r["method"], *(r["memory"].get(k) for k in keys),
+             *([r["memory"].get("cuda_peak_allocated_mb"), r["memory"].get("cuda_ratio")] * cuda)]
+            for r in report["rows"]]
+    return format_table(headers, rows)
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown: quality, speed, memory and targets, each number with its schedule."""
+    world = report["world"]
+    recall = ", ".join(f"{kind} {value:.3f}" for kind, value in world["recall"].items())
+    fluency_before = report["rows"][0]["by_count"][-1]["fluency_before"]
+    speed = report["speed"]
+    lines = [
+        f"# Benchmark: {report['name']}",
+        "",
+        f"World: `{world['source']}` -> {world['parameters']:,} parameters, vocabulary {world['vocab_size']:,}, "
+        f"facts {world['facts']}, built in {world['build_seconds']} s ({world['epochs']} epochs).",
+        f"Recall {recall}; target {world['recall_target']}: "
+        f"{'reached' if world['recall_reached'] else '**NOT reached**'}.",
+        f"Device {report['device']}, dtype {report['dtype']}, {report['machine']['torch_threads']} torch threads, "
+        f"{report['machine']['cpus']} CPUs, torch {report['machine']['torch']}.",
+        "",
+        f"Schedule: {report['schedule']}. 'imm.' = immediate, 'final' = after the last of the row's edits; "
+        "each row's N-edit result is the first N edits of one run, evaluated right after edit N.",
+        "",
+        "## Quality",
+        "",
+        "```",
+        quality_table(report),
+        "```",
+        "",
+        f"Fluency before editing: {fluency_before:.3f}. s/edit = the editor's own time per edit (no evaluation).",
+        "",
+        "## Speed",
+        "",
+    ]
+    if "kdpo_over_ft_m" in speed:
+        lines.append(f"KDPO / FT-M seconds per edit (same run, {report['counts'][-1]} edits): "
+                     f"{speed['kdpo_over_ft_m']:.2f}.\n")
+    per_edit, curve, fits = speed_tables(report)
+    lines += ["Editor seconds per edit, by edit window:", "", "```", per_edit, "```", "",
+              "Final-evaluation cost at each edit count (all N requests scored once, with fluency):", "",
+              "```", curve, "```", "", "Least-squares line through the final-evaluation times:", "", fits, "",
+              "## Memory", "", f"peak = {PEAK_FORMULA}; budget = {BUDGET_FORMULA}; ratio = peak / budget.", "",
+              "```", memory_table(report), "```", ""]
+    if report["targets"]:
+        lines += ["## Targets (KDPO, largest edit count)", "", "```",
+                  format_table(["target", "measured", "met"], [[t["target"], t["measured"], t["met"]]
+                                                               for t in report["targets"]]), "```", ""]
+    lines += ["## Protocol", "", *(f"- {name}: {text}" for name, text in report["protocol"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def count_metrics(summary: dict) -> dict[str, float]:
+    """One edit count's figures as flat MLflow metrics: final/*, immediate/* and the scalars."""
+    from tasks.tracking import flat_metrics
+
+    scalars = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return flat_metrics("final", summary["final"]) | flat_metrics("immediate", summary["immediate"]) | scalars
+
+
+def log_to_mlflow(report: dict, out: Path, tracking_uri: str | None, artifact_root: str | None) -> dict[str, str]:
+    """One run per method (metrics by edit count as steps, memory, the report as artifact) under one parent
+    run: the run ``mlflow run`` made, or a new one in experiment ``kdpo-benchmark``. Returns the run ids."""
+    import mlflow  # here, not at module level: the measuring processes import this module and need no MLflow
+
+    from tasks.tracking import flat_metrics, step_run
+
+    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db")
+    reports = [str(out / "report.md"), str(out / "report.json")]
+    tags = {"benchmark": report["name"], "schedule": report["schedule"], "edits_file": str(report["edits_file"]),
+            "world": report["world"]["path"], "device": report["device"], "dtype": report["dtype"]}
+    parent = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run`, that run is the parent
+    if parent is None:
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            location = Path(artifact_root or "mlartifacts").resolve().as_uri()
+            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        mlflow.set_experiment(EXPERIMENT)
+        with mlflow.start_run(run_name=f"benchmark {report['name']}") as run:
+            parent = run.info.run_id
+    runs = {"parent": parent}
+    with mlflow.start_run(run_id=parent):
+        mlflow.set_tags(tags)  # tags, not params: `mlflow run` has already logged its own parameters here
+        for path in reports:
+            mlflow.log_artifact(path)
+    for row in report["rows"]:
+        params = row["config"] | {"method": row["method"], "edits_file": report["edits_file"],
+                                  "counts": report["counts"], "device": report["device"], "dtype": report["dtype"]}
+        with step_run(row["method"], parent, params) as run:
+            mlflow.set_tags(tags | {f"protocol.{name}": text for name, text in report["protocol"].items()})
+            for summary in row["by_count"]:
+                mlflow.log_metrics(count_metrics(summary), step=summary["edits"])
+            mlflow.log_metrics(flat_metrics("memory", row["memory"]) | {"wall_seconds": row["wall_seconds"]})
+            for path in [*reports, str(out / f"{row['method']}.json")]:
+                mlflow.log_artifact(path)
+            runs[row["method"]] = run.info.run_id
+    return runs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--edits-file", help="edit-request file to build the world from (default: the default world)")
+    source.add_argument("--world", help="an already built world directory to use as it is")
+    parser.add_argument("--edits", default="100,500", help="comma-separated sequential edit counts (default 100,500)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--world-set", action="append", metavar="KEY=VALUE", help="a world build setting")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="an editor setting, for every method")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--name", help="report name (default: the edit file's stem, or default-world)")
+    parser.add_argument("--out", help="report folder (default: bench/results/NAME)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    parser.add_argument("--artifact-root", help="where a new kdpo-benchmark experiment keeps artifacts (./mlartifacts)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the report only")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build the world, measure every method in its own process, write the report, log it. Returns it."""
+    counts = parse_counts(args.edits)
+    args.edits_file = args.edits_file or None  # `mlflow run` passes "" for "no file: the default world"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    overrides = dict(_split_setting(item) for item in args.set or [])
+    for method in methods:
+        make_config(method, overrides=overrides)  # a bad method or setting fails here, before any work
+    world = prepare_world(args)
+    if world.info["edits"] < counts[-1]:
+        raise UsageError(f"--edits asks for {counts[-1]} sequential edits, but {world.info['source']} "
+                         f"gives {world.info['edits']} edit requests")
+    name = args.name or next(Path(p).stem for p in (args.edits_file, args.world, "default-world") if p)
+    out = Path(args.out or Path("bench/results") / name)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        run_isolated(Job(str(world.path), method, counts, overrides, args.device, args.dtype, out=str(out),
+                         progress=not args.quiet))
+        for method in methods
+    ]
+    report = build_report(name, args.edits_file, world, counts, rows, args.device, args.dtype)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    if not args.no_mlflow:
+        report["mlflow_runs"] = log_to_mlflow(report, out, args.tracking_uri, args.artifact_root)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (UsageError, EditDataError, ConfigError, ModelLoadError) as error:
+        print(f"bench.compare: error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

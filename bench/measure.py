@@ -1,0 +1,162 @@
+"""One method's sequential run, measured in a process of its own: quality at several edit counts, time, memory.
+
+The result for each edit count N comes from one run of max(counts) edits: right after edit N the first N
+requests are evaluated, which is EasyEdit's "final" evaluation of an N-edit run. Edits never look ahead,
+so this equals a separate N-edit run (tests/test_bench.py checks it) at a fraction of the cost, and the
+time of each of those evaluations is the evaluation-cost curve.
+
+Memory: ``ru_maxrss`` cannot be used here, because a spawned child inherits its parent's peak in it
+(Linux keeps it across exec); the peak is VmHWM of /proc/self/status, restarted just before the model is
+loaded.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kdpo.editing import EditRecord, SequentialResult, make_config, run_sequential
+from kdpo.editors.base import find_module
+from kdpo.evaluation import evaluate, probe
+from kdpo.loaders import load_requests
+from kdpo.modeling import load_model
+from kdpo.world import model_corpus
+
+MB = 2**20
+PEAK_FORMULA = "peak RSS (VmHWM) of the method's own process minus its RSS after imports, before the model is loaded"
+BUDGET_FORMULA = (
+    "bytes of the model's parameters and buffers + 4 x the trained float32 deltas "
+    "(their values, gradients and Adam's two moments)"
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one method's process runs: the world, the method and its settings, the edit counts to report."""
+
+    world: str
+    method: str
+    counts: tuple[int, ...]
+    overrides: dict = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str = "float32"
+    fluency_tokens: int = 24
+    out: str | None = None  # write the full result (per-edit records) here as <method>.json
+    progress: bool = False
+
+
+def proc_status_bytes(name: str) -> int | None:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None without /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            lines = status.read().splitlines()
+    except OSError:
+        return None
+    values = [line.split()[1] for line in lines if line.startswith(name + ":")]
+    if not values:
+        raise ValueError(f"/proc/self/status has no field {name!r}")
+    return int(values[0]) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Restart VmHWM at the current RSS (Linux >= 4.0); a no-op without /proc."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def trained_delta_bytes(model: torch.nn.Module, modules: tuple[str, ...]) -> int:
+    """Bytes of the deltas one edit trains: a float32 matrix the size of each edited module's weight."""
+    return sum(find_module(model, name).weight.numel() for name in modules) * 4
+
+
+def memory_report(stages: dict[str, int | None], model: torch.nn.Module, modules: tuple[str, ...]) -> dict:
+    """Peak memory of this process since ``reset_peak_rss`` against model + training-state bytes.
+
+    ``stages``: RSS before the model was loaded (``before_load``), and any other readings to report.
+    """
+    budget = parameter_bytes(model) + 4 * trained_delta_bytes(model, modules)
+    report = {"model_mb": parameter_bytes(model) / MB, "trained_delta_mb": trained_delta_bytes(model, modules) / MB,
+              "budget_mb": budget / MB}
+    peak, before = proc_status_bytes("VmHWM"), stages["before_load"]
+    if peak is not None and before is not None:
+        report |= {f"rss_{stage}_mb": value / MB for stage, value in stages.items()}
+        report |= {"peak_rss_mb": peak / MB, "peak_over_baseline_mb": (peak - before) / MB, "ratio": (peak - before) / budget}
+    if next(model.parameters()).device.type == "cuda":
+        allocated = torch.cuda.max_memory_allocated()
+        report |= {"cuda_peak_allocated_mb": allocated / MB, "cuda_ratio": allocated / budget}
+    return report
+
+
+def edit_seconds_by_window(records: list[EditRecord], counts: tuple[int, ...]) -> dict[str, float]:
+    """Mean editor seconds of the edits between consecutive counts, e.g. ``{"1-25": 0.2, "26-50": 0.21}``."""
+    windows, start = {}, 0
+    for count in counts:
+        window = records[start:count]
+        windows[f"{start + 1}-{count}"] = sum(r.seconds for r in window) / len(window)
+        start = count
+    return windows
+
+
+def prefix_summary(result: SequentialResult, count: int, final: list) -> dict:
+    """The summary of the first ``count`` edits of ``result``, with ``final`` scored right after edit ``count``."""
+    return SequentialResult(result.method, result.config, result.records[:count], final, result.baseline[:count]).summary()
+
+
+def measure_method(job: Job) -> dict:
+    """Run ``job.method`` for max(counts) sequential edits; quality at every count, time and peak memory."""
+    counts = tuple(sorted(set(job.counts)))
+    stages = {"before_load": proc_status_bytes("VmRSS")}
+    reset_peak_rss()
+    model, tokenizer = load_model(job.world, job.device, job.dtype)
+    stages["after_load"] = proc_status_bytes("VmRSS")
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    requests = load_requests(Path(job.world) / "edits.jsonl", limit=counts[-1]).requests
+    if len(requests) < counts[-1]:
+        raise ValueError(f"--edits asks for {counts[-1]} edits, but the world has {len(requests)} edit requests")
+    config = make_config(job.method, overrides=job.overrides)
+    baseline = probe(model, tokenizer, requests, job.fluency_tokens)
+    stages["peak_after_probe"] = proc_status_bytes("VmHWM")  # the peak before any editing
+    checkpoints: dict[int, tuple[list, float]] = {}
+    last_edit = [0.0]
+
+    def on_edit(record: EditRecord) -> None:
+        count = record.index + 1
+        if count in counts[:-1]:
+            started = time.perf_counter()
+            final = evaluate(model, tokenizer, requests[:count], baseline.locality_predictions[:count], job.fluency_tokens)
+            checkpoints[count] = (final, time.perf_counter() - started)
+        last_edit[0] = time.perf_counter()
+
+    started = time.perf_counter()
+    result = run_sequential(model, tokenizer, requests, job.method, config, model_corpus(job.world), baseline,
+                            job.fluency_tokens, progress=job.progress, on_edit=on_edit)
+    checkpoints[counts[-1]] = (result.final, time.perf_counter() - last_edit[0])  # run_sequential's own final
+    wall = time.perf_counter() - started
+    if job.out:
+        result.write_json(Path(job.out) / f"{job.method}.json")
+    by_count = [  # one summary per edit count, ascending; each has "edits": its count
+        prefix_summary(result, count, final) | {"final_eval_seconds": seconds}
+        for count, (final, seconds) in sorted(checkpoints.items())
+    ]
+    return {
+        "method": job.method,
+        "config": result.config,
+        "summary": by_count[-1],  # the largest count's, the headline (what `kdpo report` draws)
+        "by_count": by_count,
+        "edit_seconds_by_window": edit_seconds_by_window(result.records, counts),
+        "wall_seconds": wall,
+        "torch_threads": torch.get_num_threads(),
+        "memory": memory_report(stages, model, config.modules),
+        "load_average": os.getloadavg(),  # other processes on the machine skew the timings
+    }

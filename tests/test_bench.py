@@ -1,0 +1,92 @@
+"""Smoke test of the benchmark harness (bench/compare.py): the tiny world, 5 sequential edits, 2 methods,
+each in its own process; the report files and the MLflow runs must exist and hold the measured numbers."""
+import json
+
+import mlflow
+import pytest
+
+from bench.compare import eval_curve, main
+from bench.measure import proc_status_bytes
+from kdpo.editing import make_config, run_sequential
+from kdpo.loaders import load_requests
+
+METHODS = ("kdpo", "ft-m")
+MAX_STEPS = 10  # the plumbing is under test here, not the editors: short edits keep it fast
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    argv = ["--world", str(tiny_world.path), "--edits", "3,5", "--methods", ",".join(METHODS), "--out", str(root / "out"),
+            "--set", f"max_steps={MAX_STEPS}", "--tracking-uri", uri, "--artifact-root", str(root / "artifacts"), "--quiet"]
+    assert main(argv) == 0
+    return json.loads((root / "out" / "report.json").read_text()), root / "out", uri
+
+
+def test_report_holds_every_method_at_every_edit_count(bench_run):
+    report, out, _ = bench_run
+    assert [row["method"] for row in report["rows"]] == list(METHODS) and report["counts"] == [3, 5]
+    for row in report["rows"]:
+        assert [s["edits"] for s in row["by_count"]] == [3, 5]
+        for summary in row["by_count"]:
+            assert 0.0 <= summary["final"]["edit_success"] <= 1.0 and 0.0 <= summary["immediate"]["edit_success"] <= 1.0
+            assert summary["seconds_per_edit"] > 0 and summary["final_eval_seconds"] > 0
+        memory = row["memory"]
+        assert memory["peak_rss_mb"] >= memory["rss_peak_after_probe_mb"] >= memory["rss_before_load_mb"] > 0
+        assert memory["ratio"] == pytest.approx(memory["peak_over_baseline_mb"] / memory["budget_mb"])
+        assert len(json.loads((out / f"{row['method']}.json").read_text())["records"]) == 5
+    per_edit = {row["method"]: row["by_count"][-1]["seconds_per_edit"] for row in report["rows"]}
+    assert report["speed"]["kdpo_over_ft_m"] == pytest.approx(per_edit["kdpo"] / per_edit["ft-m"])
+    assert report["schedule"].startswith("immediate:") and "locality" in report["protocol"]
+    text = (out / "report.md").read_text()
+    assert all(heading in text for heading in ("## Quality", "## Speed", "## Memory", "## Targets"))
+    assert text.count("\nkdpo ") >= 2 + 1 + 1  # two quality rows, one speed row, one memory row
+
+
+def test_one_mlflow_run_per_method_with_metrics_by_edit_count_and_the_report(bench_run):
+    report, _, uri = bench_run
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("kdpo-benchmark")
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {*METHODS, "benchmark tiny"}
+    parent = runs["benchmark tiny"].info.run_id
+    for row in report["rows"]:
+        run = runs[row["method"]]
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params["method"] == row["method"]
+        history = client.get_metric_history(run.info.run_id, "final/edit_success")
+        assert [(m.step, m.value) for m in history] == [(s["edits"], s["final"]["edit_success"]) for s in row["by_count"]]
+        assert run.data.metrics["memory/ratio"] == pytest.approx(row["memory"]["ratio"])
+        assert {"report.md", "report.json", f"{row['method']}.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_the_3_edit_figures_equal_a_separate_3_edit_run(bench_run, tiny_world, tiny_model):
+    report, _, _ = bench_run
+    model, tokenizer = tiny_model
+    requests = load_requests(tiny_world.edits_path, limit=3).requests
+    config = make_config("ft-m", overrides={"max_steps": str(MAX_STEPS)})
+    alone = run_sequential(model, tokenizer, requests, "ft-m", config, tiny_world.corpus(), progress=False)
+    expected = alone.summary()
+    measured = next(row for row in report["rows"] if row["method"] == "ft-m")["by_count"][0]
+    for name in ("edit_success", "generalization", "locality"):
+        assert measured["final"][name] == pytest.approx(expected["final"][name]), name
+    assert measured["retention"] == pytest.approx(expected["retention"])
+
+
+def test_user_mistakes_are_one_line_errors(tiny_world, capsys):
+    world = ["--world", str(tiny_world.path), "--no-mlflow"]
+    assert main([*world, "--edits", "0"]) == 2
+    assert main([*world, "--edits", "5", "--methods", "kdpo,rome"]) == 2
+    assert main([*world, "--edits", "100000"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 3 and all(line.startswith("bench.compare: error:") for line in errors)
+    assert "--edits" in errors[0] and "'rome'" in errors[1] and "100000" in errors[2]
+
+
+def test_eval_curve_fits_seconds_per_request_and_memory_fields_are_read():
+    row = {"by_count": [{"edits": n, "final_eval_seconds": 0.5 + 0.01 * n} for n in (25, 50, 100, 200)]}
+    curve = eval_curve(row)
+    assert curve["slope_seconds_per_request"] == pytest.approx(0.01) and curve["intercept_seconds"] == pytest.approx(0.5)
+    assert proc_status_bytes("VmRSS") > 0
+    with pytest.raises(ValueError, match="VmNope"):
+        proc_status_bytes("VmNope")

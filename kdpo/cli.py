@@ -156,7 +156,9 @@ def cmd_edit(args) -> int:
     config = make_config(args.method, args.config, overrides)
     model_path, edits_path, corpus = _resolve_model_and_edits(args)
     if args.protection_corpus:
-        corpus = _read_corpus(args.protection_corpus)
+        from kdpo.keystats import read_corpus
+
+        corpus = read_corpus(args.protection_corpus, args.corpus_budget)
     requests = _load_edits(args, edits_path)
     model, tokenizer = load_model(model_path, args.device, args.dtype)
     result = run_sequential(model, tokenizer, requests, args.method, config, corpus, progress=not args.json)
@@ -238,16 +240,6 @@ def _split_setting(item: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _read_corpus(path: str) -> list[str]:
-    try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as error:
-        raise UsageError(f"cannot read protection corpus {path}: {error}") from error
-    if not lines:
-        raise UsageError(f"protection corpus {path} is empty")
-    return lines
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -275,10 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--method", default="kdpo", choices=sorted(EDITORS),
                           help="kdpo (default; online teacher-forced negatives), dpo (old answer as negative), "
                           "ft-m (target-masked fine-tuning), ft-l (ROME's constrained fine-tuning)")
-    settings.add_argument("--config", help="YAML/JSON file of editor settings")
+    settings.add_argument("--config", help="YAML/JSON file of editor settings, or a preset name (paper)")
     settings.add_argument("--set", action="append", metavar="KEY=VALUE",
                           help="override one editor setting, e.g. --set lr=1e-3 --set modules=layers.1.mlp.down_proj")
-    settings.add_argument("--protection-corpus", help="text file (one passage a line) whose keys null-space protection keeps")
+    settings.add_argument(
+        "--protection-corpus",
+        help="text the model knows, whose keys null-space protection keeps: a text file (one passage a line), "
+        "a JSONL/JSON/Parquet/CSV file with a 'text' column, a datasets directory, or hf:NAME[:CONFIG]",
+    )
+    settings.add_argument("--corpus-budget", type=int, default=20000, help="sample at most this many passages")
     out = edit.add_argument_group("output")
     out.add_argument("--output", help="write the full result (per-edit records, loss curves) as JSON here")
     out.add_argument("--save", help="save the edited model as a Hugging Face directory here")

@@ -5,19 +5,24 @@ Evaluation schedule (written into every result): each request is scored right af
 """
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import asdict, dataclass, field
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpo.config import ConfigError, build_settings, read_settings_file
 from kdpo.editors import EDITORS, Editor, EditorConfig
-from kdpo.editors.base import find_module, key_covariance
 from kdpo.evaluation import PROTOCOL, Probe, RequestScores, evaluate, evaluate_with_answers, probe, summarize
+from kdpo.keystats import key_covariances
 from kdpo.metrics import mean
+from kdpo.modeling import load_model
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest
 
@@ -27,16 +32,28 @@ SCHEDULE = (
 )
 
 
+PRESETS = Path(__file__).parent / "presets"  # named settings files: ``--config paper``
+
+
 def make_config(method: str, file: str | Path | None = None, overrides: dict[str, str] | None = None) -> EditorConfig:
-    """The method's typed config: defaults, then a YAML/JSON file, then ``key=value`` overrides."""
+    """The method's typed config: defaults, then a YAML/JSON file (or a preset name from ``kdpo/presets``),
+    then ``key=value`` overrides. Settings a method does not have are skipped for presets only."""
     if method not in EDITORS:
         raise ConfigError(f"unknown method {method!r}; choose one of {sorted(EDITORS)}")
-    values = read_settings_file(file) if file is not None else {}
+    values = {}
+    if file is not None:
+        preset = PRESETS / f"{file}.yaml"
+        if not Path(file).exists() and preset.exists():
+            known = {f.name for f in fields(EDITORS[method].Config)}
+            values = {k: v for k, v in read_settings_file(preset).items() if k in known}
+        else:
+            values = read_settings_file(file)
     return build_settings(EDITORS[method].Config, values | (overrides or {}), method)
 
 
 def protected_subspaces(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EditorConfig, corpus: list[str]
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: EditorConfig, corpus: list[str],
+    progress: bool = False,
 ) -> list[ProtectedSubspace]:
     """Null-space protection for the config's modules, from the keys of a corpus the model knows."""
     if not corpus:
@@ -44,20 +61,21 @@ def protected_subspaces(
             "protection 'null-space' needs a corpus of text the model knows (a world has one; "
             "otherwise pass --protection-corpus FILE, or --set protection=none)"
         )
-    modules = [find_module(model, name) for name in config.modules]
     return [
         ProtectedSubspace.from_key_covariance(covariance, config.null_space_threshold, config.null_space_rule)
-        for covariance in key_covariance(model, tokenizer, modules, corpus)
+        for covariance in key_covariances(model, tokenizer, list(config.modules), corpus, progress=progress)
     ]
 
 
 def build_editor(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, method: str, config: EditorConfig | None = None,
-    corpus: list[str] | None = None,
+    corpus: list[str] | None = None, protected: list[ProtectedSubspace] | None = None,
 ) -> Editor:
-    """An editor for ``method``, with its protected subspaces computed where the config asks for them."""
+    """An editor for ``method``, with its protected subspaces (given, e.g. by a checkpoint, or computed
+    from ``corpus``) where the config asks for them."""
     config = config or make_config(method)
-    protected = protected_subspaces(model, tokenizer, config, corpus) if config.protection == "null-space" else None
+    if protected is None and config.protection == "null-space":
+        protected = protected_subspaces(model, tokenizer, config, corpus)
     return EDITORS[method](model, tokenizer, config, protected)
 
 
@@ -88,6 +106,7 @@ class SequentialResult:
     schedule: str = SCHEDULE
     protocol: dict = field(default_factory=lambda: dict(PROTOCOL))
     answers: list[dict] = field(default_factory=list)  # per request: prompt, targets, greedy answer before/after
+    protection: list[dict] = field(default_factory=list)  # per edited module: null-space size, key spectrum
 
     def summary(self) -> dict:
         """Headline figures: immediate and final means, retention, fluency before/after, cost."""
@@ -102,6 +121,7 @@ class SequentialResult:
             "seconds_per_edit": mean(r.seconds for r in self.records),
             "steps_per_edit": mean(r.steps for r in self.records),
             "reached_stop_rule": mean(float(r.reached) for r in self.records),
+            "weight_drift": dict(self.records[-1].drift) if self.records else {},
         }
 
     def to_dict(self) -> dict:
@@ -116,6 +136,7 @@ class SequentialResult:
             "final": [asdict(s) for s in self.final],
             "baseline": [asdict(s) for s in self.baseline],
             "answers": self.answers,
+            "protection": self.protection,
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -133,12 +154,30 @@ def run_sequential(
     fluency_tokens: int = 24,
     progress: bool = True,
     on_edit: Callable[[EditRecord], None] | None = None,
+    resume: Checkpoint | None = None,
+    checkpoint_every: int = 25,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
 ) -> SequentialResult:
-    """Apply ``requests`` one after another with ``method``; score immediately and after the last edit."""
+    """Apply ``requests`` one after another with ``method``; score immediately and after the last edit.
+
+    Resuming: ``model`` is the checkpoint's model, ``resume`` its records and editor state, and
+    ``baseline`` the probe of the model before the first edit (required: the edited model is not it).
+    ``on_checkpoint`` gets the run's state after every ``checkpoint_every`` edits and after the last one.
+    """
+    if resume is not None:
+        _check_resume(resume, requests, baseline)
+    if on_checkpoint is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     baseline = baseline or probe(model, tokenizer, requests, fluency_tokens)
-    editor = build_editor(model, tokenizer, method, config, corpus)
-    records = []
-    for index, request in enumerate(tqdm(requests, desc=f"{method} edits", disable=not progress, unit="edit")):
+    editor = build_editor(model, tokenizer, method, config, corpus, resume.protected if resume else None)
+    if resume is not None and resume.original_weights is not None:
+        editor.original_weights = resume.original_weights  # drift stays measured from the unedited model
+    records = list(resume.records) if resume else []
+    protected_at_start = [subspace.rank for subspace in editor.protected or []]
+    todo = range(len(records), len(requests))
+    for index in tqdm(todo, desc=f"{method} edits", disable=not progress, unit="edit", initial=len(records),
+                      total=len(requests)):
+        request = requests[index]
         outcome = editor.edit(request)
         immediate = evaluate(model, tokenizer, [request], [baseline.locality_predictions[index]], fluency_tokens=0)[0]
         record = EditRecord(
@@ -148,10 +187,97 @@ def run_sequential(
         records.append(record)
         if on_edit is not None:
             on_edit(record)
+        if on_checkpoint is not None and (len(records) % checkpoint_every == 0 or len(records) == len(requests)):
+            on_checkpoint(Checkpoint(list(records), copy.deepcopy(editor.protected), editor.original_weights))
     final, generations = evaluate_with_answers(model, tokenizer, requests, baseline.locality_predictions, fluency_tokens)
     answers = [
         {"case_id": r.case_id, "prompt": r.prompt, "ground_truth": r.ground_truth, "target_new": r.target_new,
          "before": before, "after": after}
         for r, before, after in zip(requests, baseline.answers, generations)
     ]
-    return SequentialResult(method, asdict(editor.config), records, final, baseline.scores, answers=answers)
+    return SequentialResult(
+        method, asdict(editor.config), records, final, baseline.scores, answers=answers,
+        protection=protection_report(editor, protected_at_start),
+    )
+
+
+def protection_report(editor: Editor, protected_at_start: list[int]) -> list[dict]:
+    """Per edited module: its key dimension, how many directions were protected before the first edit and
+    after the last, and the eigen-spectrum of K0^T K0 (descending) the null space was chosen from."""
+    return [
+        {"module": name, "dim": subspace.dim, "protected_at_start": start, "protected_at_end": subspace.rank,
+         "free_at_end": subspace.dim - subspace.rank,
+         "spectrum": [] if subspace.spectrum is None else [float(v) for v in subspace.spectrum]}
+        for name, subspace, start in zip(editor.config.modules, editor.protected or [], protected_at_start)
+    ]
+
+
+# --- resuming -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    """A sequential run part-way: the finished edits' records and the editor's state across edits
+    (protected subspaces, the weights drift is measured from). The next edit is ``records``' length."""
+
+    records: list[EditRecord]
+    protected: list[ProtectedSubspace] | None = None
+    original_weights: list[torch.Tensor] | None = None
+
+    @property
+    def next_edit(self) -> int:
+        return len(self.records)
+
+
+def _check_resume(resume: Checkpoint, requests: list[EditRequest], baseline: Probe | None) -> None:
+    """A checkpoint resumes only the run it came from, with that run's baseline probe."""
+    if baseline is None:
+        raise ValueError("resume needs the baseline probe of the model before the first edit (pass baseline=)")
+    if resume.next_edit > len(requests):
+        raise ValueError(f"checkpoint has {resume.next_edit} edits done, but there are only {len(requests)} requests")
+    for record, request in zip(resume.records, requests):
+        if record.case_id != request.case_id:
+            raise ValueError(f"checkpoint record {record.index} is case_id {record.case_id!r}, "
+                             f"but request {record.index} is {request.case_id!r}: not the same run")
+
+
+def save_checkpoint(
+    root: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, checkpoint: Checkpoint
+) -> Path:
+    """Write ``root/checkpoint-NNNNNN`` (NNNNNN = edits done) atomically: a temporary directory renamed
+    into place, so a crash mid-write leaves the previous checkpoint; older ones are then removed."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".writing-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    torch.save({
+        "protected": None if checkpoint.protected is None else [s.state_dict() for s in checkpoint.protected],
+        "original_weights": checkpoint.original_weights,
+    }, staging / "editor_state.pt")
+    records = {"next_edit": checkpoint.next_edit, "records": [asdict(r) for r in checkpoint.records]}
+    (staging / "records.json").write_text(json.dumps(records))
+    target = root / f"checkpoint-{checkpoint.next_edit:06d}"
+    staging.rename(target)
+    for stale in [*root.glob("checkpoint-*"), *root.glob(".writing-*")]:
+        if stale != target:
+            shutil.rmtree(stale)
+    return target
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint with the most edits done under ``root``, or None."""
+    found = sorted(Path(root).glob("checkpoint-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Checkpoint]:
+    """The edited model, its tokenizer and the run state of a :func:`save_checkpoint` directory."""
+    model, tokenizer = load_model(path)
+    state = torch.load(Path(path) / "editor_state.pt", weights_only=True)
+    records = [
+        EditRecord(**r | {"immediate": RequestScores(**r["immediate"])})
+        for r in json.loads((Path(path) / "records.json").read_text())["records"]
+    ]
+    protected = None if state["protected"] is None else [ProtectedSubspace.from_state_dict(s) for s in state["protected"]]
+    return model, tokenizer, Checkpoint(records, protected, state["original_weights"])

@@ -8,9 +8,11 @@ eigen-directions of K0^T K0 over a corpus the model knows, and grows with each c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+NULL_SPACE_RULES = ("relative", "energy")
 
 
 @dataclass
@@ -21,14 +23,35 @@ class ProtectedSubspace:
     spectrum: torch.Tensor | None = None  # eigenvalues of K0^T K0, descending, for reports
 
     @classmethod
-    def from_key_covariance(cls, covariance: torch.Tensor, threshold: float) -> "ProtectedSubspace":
-        """Protect the eigen-directions whose eigenvalue is at least ``threshold`` x the largest."""
+    def from_key_covariance(
+        cls, covariance: torch.Tensor, threshold: float, rule: str = "relative"
+    ) -> "ProtectedSubspace":
+        """Protect the dominant eigen-directions of K0^T K0.
+
+        ``rule="relative"``: every direction whose eigenvalue is at least ``threshold`` x the largest;
+        ``rule="energy"``: the fewest leading directions that hold ``1 - threshold`` of the total energy.
+        """
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"null-space threshold must be in (0, 1), got {threshold}")
+        if rule not in NULL_SPACE_RULES:
+            raise ValueError(f"null-space rule must be one of {NULL_SPACE_RULES}, got {rule!r}")
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
-        eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)
-        keep = eigenvalues >= threshold * eigenvalues[0].clamp_min(1e-30)
+        eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
+        if rule == "relative":
+            keep = eigenvalues >= threshold * eigenvalues[0].clamp_min(1e-30)
+        else:
+            energy = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
+            keep = torch.arange(len(eigenvalues)) <= int((energy < 1.0 - threshold).sum())
         return cls(eigenvectors[:, keep].float().contiguous(), eigenvalues.float())
+
+    def state_dict(self) -> dict:
+        """Every field by name, for ``torch.save`` (a resumable checkpoint)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ProtectedSubspace":
+        """The subspace :meth:`state_dict` saved (fields it lacks keep their defaults)."""
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
     @property
     def dim(self) -> int:
@@ -38,9 +61,10 @@ class ProtectedSubspace:
     def rank(self) -> int:
         return self.basis.shape[1]
 
-    def projector(self) -> torch.Tensor:
-        """P = I - Q Q^T: keys in the protected span map to zero."""
-        return torch.eye(self.dim, device=self.basis.device) - self.basis @ self.basis.T
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ P`` with P = I - Q Q^T, without forming P: components in the protected span removed."""
+        basis = self.basis.to(rows.dtype)
+        return rows - (rows @ basis) @ basis.T
 
     def add_keys(self, keys: torch.Tensor, tolerance: float = 0.05) -> int:
         """Add the directions of ``keys`` [n, dim] not yet protected (relative residual > tolerance).

@@ -55,11 +55,11 @@ def test_projection_leaves_protected_keys_unchanged():
     keys = torch.randn(40, 8, generator=generator) @ torch.randn(8, 32, generator=generator)  # rank 8 in 32 dims
     subspace = ProtectedSubspace.from_key_covariance(keys.T @ keys, threshold=1e-6)
     assert subspace.rank == 8
-    delta = subspace.projector() @ torch.randn(32, 16, generator=generator)
+    delta = subspace.project(torch.randn(16, 32, generator=generator)).T
     assert torch.allclose(keys @ delta, torch.zeros(40, 16), atol=1e-4)
     new_key = torch.randn(1, 32, generator=generator)
     assert subspace.add_keys(new_key) == 1 and subspace.rank == 9
-    assert torch.allclose(new_key @ subspace.projector(), torch.zeros(1, 32), atol=1e-5)
+    assert torch.allclose(subspace.project(new_key), torch.zeros(1, 32), atol=1e-5)
 
 
 def test_protected_edit_leaves_a_protected_fact_alone(tiny_world, tiny_model, tiny_requests):
@@ -119,3 +119,13 @@ def test_null_space_without_corpus_is_a_clear_error(tiny_model):
     model, tokenizer = tiny_model
     with pytest.raises(ConfigError, match="needs a corpus"):
         build_editor(model, tokenizer, "kdpo", make_config("kdpo"), corpus=None)
+
+
+def test_paper_preset_is_a_named_config():
+    kdpo = make_config("kdpo", "paper")
+    assert kdpo.protection == "none" and kdpo.stop_margin == 0.0 and kdpo.nll_weight == 0.0 and kdpo.lr == 2e-5
+    assert kdpo.modules == ("layers.2.mlp.down_proj",)
+    ft_m = make_config("ft-m", "paper", {"lr": "1e-3"})  # DPO-only fields are skipped, overrides still win
+    assert ft_m.lr == 1e-3 and not hasattr(ft_m, "beta")
+    with pytest.raises(ConfigError, match="cannot read settings file"):
+        make_config("kdpo", "no-such-preset")

@@ -17,10 +17,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpo.losses import answer_margin
 from kdpo.modeling import TeacherForcedBatch, chunks, encode_pairs, forward_logits
-from kdpo.protection import ProtectedSubspace
+from kdpo.protection import NULL_SPACE_RULES, ProtectedSubspace
 from kdpo.requests import EditRequest
 
 PROTECTIONS = ("none", "null-space")
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -29,17 +30,26 @@ class EditorConfig:
 
     modules: tuple[str, ...] = ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")
     lr: float = 1e-2
+    optimizer: str = "adam"  # or "sgd" (momentum 0.9): keeps D in the span of the edit's own keys
     max_steps: int = 40
     stop_margin: float = 4.0
     protection: str = "null-space"
     null_space_threshold: float = 1e-4
+    null_space_rule: str = "relative"  # or "energy" (see kdpo.protection.ProtectedSubspace)
     protect_edit_keys: bool = True
+    delta_penalty: float = 0.0  # weight of sum ||D||^2 in the loss: the smallest change that makes the edit
 
     def validate(self) -> None:
         if self.protection not in PROTECTIONS:
             raise ValueError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
         if not 0.0 < self.null_space_threshold < 1.0:
             raise ValueError(f"null_space_threshold must be in (0, 1), got {self.null_space_threshold}")
+        if self.null_space_rule not in NULL_SPACE_RULES:
+            raise ValueError(f"null_space_rule must be one of {NULL_SPACE_RULES}, got {self.null_space_rule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.delta_penalty < 0:
+            raise ValueError(f"delta_penalty must be >= 0, got {self.delta_penalty}")
         if self.lr <= 0 or self.max_steps < 1:
             raise ValueError("lr must be > 0 and max_steps >= 1")
         if not self.modules:
@@ -55,7 +65,7 @@ class EditOutcome:
     losses: list[float]
     reached: bool
     delta_norm: float
-    extra: dict = field(default_factory=dict)
+    drift: dict[str, float] = field(default_factory=dict)  # per module: ||W - W_original||_F after the edit
 
 
 def find_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -71,7 +81,8 @@ def find_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return module
 
 
-def _input_output_dims(module: torch.nn.Module) -> tuple[int, int]:
+def input_output_dims(module: torch.nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear module (nn.Linear or GPT-2's Conv1D)."""
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     return module.weight.shape[0], module.weight.shape[1]  # GPT-2's Conv1D stores (in, out)
@@ -90,25 +101,6 @@ def capture_inputs(modules: list[torch.nn.Module]):
     finally:
         for handle in handles:
             handle.remove()
-
-
-@torch.no_grad()
-def key_covariance(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, modules: list[torch.nn.Module], texts: list[str],
-    batch_size: int = 64,
-) -> list[torch.Tensor]:
-    """K0^T K0 of each module's inputs at every non-pad position of ``texts``."""
-    device = next(model.parameters()).device
-    covariances = [torch.zeros(_input_output_dims(m)[0], _input_output_dims(m)[0], device=device) for m in modules]
-    for batch_texts in chunks(texts, batch_size):
-        encoded = tokenizer(batch_texts, return_tensors="pt", padding=True).to(device)
-        with capture_inputs(modules) as captured:
-            model(**encoded)
-        mask = encoded["attention_mask"].bool()
-        for covariance, store in zip(covariances, captured):
-            keys = store[0][mask].float()
-            covariance += keys.T @ keys
-    return covariances
 
 
 class Editor(ABC):
@@ -134,6 +126,7 @@ class Editor(ABC):
         self.device = next(model.parameters()).device
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        self.original_weights = [module.weight.detach().clone() for module in self.modules]
 
     # --- what a method defines -------------------------------------------------------------
     def begin_edit(self, request: EditRequest, batch: TeacherForcedBatch) -> None:
@@ -156,9 +149,9 @@ class Editor(ABC):
         """Optimise until the stop rule holds (or ``max_steps``), then commit the change to the weights."""
         started = time.perf_counter()
         batch = encode_pairs(self.tokenizer, [(request.prompt, request.target_new)], self.device)
-        projectors = [p.projector() for p in self.protected] if self.protected else [None] * len(self.modules)
+        projectors = self.protected or [None] * len(self.modules)
         deltas = [
-            torch.zeros(_input_output_dims(m)[0], _input_output_dims(m)[1], device=self.device, requires_grad=True)
+            torch.zeros(input_output_dims(m)[0], input_output_dims(m)[1], device=self.device, requires_grad=True)
             for m in self.modules
         ]
         handles = [
@@ -169,7 +162,10 @@ class Editor(ABC):
         try:
             with torch.no_grad():
                 self.begin_edit(request, batch)
-            optimizer = torch.optim.Adam(deltas, lr=self.config.lr)
+            optimizer = (
+                torch.optim.Adam(deltas, lr=self.config.lr) if self.config.optimizer == "adam"
+                else torch.optim.SGD(deltas, lr=self.config.lr, momentum=0.9)
+            )
             reached = False
             for _ in range(self.config.max_steps):
                 logits = forward_logits(self.model, batch)
@@ -177,6 +173,8 @@ class Editor(ABC):
                     reached = True
                     break
                 loss = self.edit_loss(logits, batch)
+                if self.config.delta_penalty:
+                    loss = loss + self.config.delta_penalty * sum(delta.square().sum() for delta in deltas)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -191,24 +189,32 @@ class Editor(ABC):
                 handle.remove()
         delta_norm = self._commit(deltas, projectors)
         if self.protected and self.config.protect_edit_keys:
-            self._protect_request_keys(batch)
-        return EditOutcome(len(losses), time.perf_counter() - started, losses, reached, delta_norm)
+            self._protect_request_keys(request)
+        return EditOutcome(len(losses), time.perf_counter() - started, losses, reached, delta_norm, self.drift())
+
+    @torch.no_grad()
+    def drift(self) -> dict[str, float]:
+        """Frobenius distance of each edited matrix from the weights it had when the editor was made."""
+        return {
+            name: float((module.weight - original).float().norm())
+            for name, module, original in zip(self.config.modules, self.modules, self.original_weights)
+        }
 
     @staticmethod
-    def _delta_hook(delta: torch.Tensor, projector: torch.Tensor | None):
+    def _delta_hook(delta: torch.Tensor, projector: ProtectedSubspace | None):
         def hook(module, args, output):
             keys = args[0].float()
             if projector is not None:
-                keys = keys @ projector
+                keys = projector.project(keys)
             return output + (keys @ delta).to(output.dtype)
 
         return hook
 
     @torch.no_grad()
-    def _commit(self, deltas: list[torch.Tensor], projectors: list[torch.Tensor | None]) -> float:
+    def _commit(self, deltas: list[torch.Tensor], projectors: list[ProtectedSubspace | None]) -> float:
         total = 0.0
         for module, delta, projector in zip(self.modules, deltas, projectors):
-            change = delta if projector is None else projector @ delta  # (in, out)
+            change = delta if projector is None else projector.project(delta.T).T  # P @ D, (in, out)
             if isinstance(module, torch.nn.Linear):
                 change = change.T
             module.weight += change.to(module.weight.dtype)
@@ -216,8 +222,11 @@ class Editor(ABC):
         return total**0.5
 
     @torch.no_grad()
-    def _protect_request_keys(self, batch: TeacherForcedBatch) -> None:
-        """Add the committed edit's keys at its answer positions to every protected subspace."""
+    def _protect_request_keys(self, request: EditRequest) -> None:
+        """Add the committed edit's keys (its prompt and every rephrase, at every target position) to the
+        protected subspaces, so later edits leave this one alone."""
+        prompts = [request.prompt, *request.rephrase_prompts]
+        batch = encode_pairs(self.tokenizer, [(prompt, request.target_new) for prompt in prompts], self.device)
         with capture_inputs(self.modules) as captured:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         mask = batch.answer_mask

@@ -1,0 +1,105 @@
+"""Null-space protection: threshold rules, key statistics for any model (corpus readers, disk cache),
+protection of each committed edit's keys, and the weight-drift monitor."""
+import pytest
+import torch
+
+from kdpo.config import ConfigError
+from kdpo.editing import build_editor, make_config, run_sequential
+from kdpo.editors.base import capture_inputs
+from kdpo.keystats import key_covariances, keystats_root, read_corpus
+from kdpo.modeling import encode_pairs
+from kdpo.protection import ProtectedSubspace
+
+MODULES = ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+
+
+def test_energy_rule_keeps_the_fewest_directions_holding_the_energy():
+    eigenvalues = torch.tensor([100.0, 10.0, 1.0, 0.1, 0.01])
+    basis = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(0)))[0]
+    covariance = basis @ torch.diag(eigenvalues) @ basis.T
+    # 100 / 111.11 = 0.900, 110 / 111.11 = 0.990, 111 / 111.11 = 0.999
+    assert ProtectedSubspace.from_key_covariance(covariance, 0.05, "energy").rank == 2
+    assert ProtectedSubspace.from_key_covariance(covariance, 0.005, "energy").rank == 3
+    assert ProtectedSubspace.from_key_covariance(covariance, 0.05, "relative").rank == 2  # >= 5.0
+    with pytest.raises(ValueError, match="rule must be one of"):
+        ProtectedSubspace.from_key_covariance(covariance, 0.05, "median")
+
+
+def test_read_corpus_formats_budget_and_errors(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("one passage\n\nanother passage\nthird\n")
+    assert read_corpus(text) == ["one passage", "another passage", "third"]
+    assert sorted(read_corpus(text, budget=2, seed=1)) == sorted(read_corpus(text, budget=2, seed=1))
+    assert len(read_corpus(text, budget=2)) == 2
+    table = tmp_path / "corpus.jsonl"
+    table.write_text('{"text": "a fact"}\n{"text": "another fact", "id": 2}\n')
+    assert read_corpus(table) == ["a fact", "another fact"]
+    with pytest.raises(ConfigError, match="no column 'body'"):
+        read_corpus(table, text_field="body")
+    with pytest.raises(ConfigError, match="no such file"):
+        read_corpus(tmp_path / "missing.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_corpus(tmp_path / "blank.txt")
+
+
+def test_key_statistics_are_cached_and_invalidated_by_new_weights(tiny_world, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPO_HOME", str(tmp_path))
+    model, tokenizer = tiny_model
+    corpus = tiny_world.corpus()[:40]
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    first = key_covariances(model, tokenizer, MODULES, corpus)
+    computed = len(calls)
+    assert computed > 0 and len(list(keystats_root().glob("*.pt"))) == 1
+    again = key_covariances(model, tokenizer, MODULES, corpus)
+    assert len(calls) == computed  # read from disk, the model did not run
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.01)
+    changed = key_covariances(model, tokenizer, MODULES, corpus)
+    assert len(calls) > computed and len(list(keystats_root().glob("*.pt"))) == 2
+    assert not torch.allclose(changed[0], first[0])
+
+
+def test_committed_edit_protects_its_prompt_and_rephrases(tiny_world, tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    request = next(r for r in tiny_requests if r.rephrase_prompts)
+    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides={"max_steps": "100"}),
+                          tiny_world.corpus())
+    editor.edit(request)
+    prompts = [request.prompt, *request.rephrase_prompts]
+    batch = encode_pairs(tokenizer, [(p, request.target_new) for p in prompts])
+    with torch.no_grad(), capture_inputs(editor.modules) as captured:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for subspace, store in zip(editor.protected, captured):
+        keys = store[0][batch.answer_mask]
+        assert len(keys) >= len(prompts)
+        residual = keys - keys @ subspace.basis @ subspace.basis.T
+        assert (residual.norm(dim=1) <= 0.05 * keys.norm(dim=1) + 1e-4).all()
+
+
+def test_weight_drift_is_recorded_per_edit(tiny_world, tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    before = {name: model.get_submodule(f"model.{name}").weight.detach().clone() for name in MODULES}
+    result = run_sequential(model, tokenizer, tiny_requests[:3], "kdpo", corpus=tiny_world.corpus(),
+                            progress=False, fluency_tokens=0)
+    drifts = [record.drift for record in result.records]
+    assert all(set(d) == set(MODULES) for d in drifts)
+    for name in MODULES:
+        final = float((model.get_submodule(f"model.{name}").weight - before[name]).norm())
+        assert drifts[-1][name] == pytest.approx(final, rel=1e-5) and final > 0
+    assert result.to_dict()["records"][0]["drift"] == drifts[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"null_space_rule": "median"}, "null_space_rule must be one of"),
+        ({"null_space_threshold": "0"}, "null_space_threshold"),
+        ({"delta_penalty": "-1"}, "delta_penalty"),
+    ],
+)
+def test_bad_protection_settings_are_clear_errors(overrides, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        make_config("kdpo", overrides=overrides).validate()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from itertools import cycle
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,13 @@ from kdpo.cli import HEADLINE, _cell
 from kdpo.evaluation import RequestScores, first_sentence, summarize
 
 DPI = 100
-LINE_STYLES = ("-", "--", ":", "-.") * 4  # overlapping curves (all at 1.0, say) stay distinguishable
-MARKERS = ("o", "s", "^", "x", "D", "v", "P", "*") * 2
+LINE_STYLES = ("-", "--", ":", "-.")  # overlapping curves (all at 1.0, say) stay distinguishable
+MARKERS = ("o", "s", "^", "x", "D", "v", "P", "*")
 RADAR_SIZE = (6.0, 6.0)  # inches; at DPI, 600 x 600 pixels
 CURVE_SIZE = (9.0, 3.2)  # 900 x 320 pixels
 LABELS = {
     "edit_success": "edit success", "generalization": "generalization", "locality": "locality",
-    "portability": "portability", "fluency": "fluency (÷ before)", "retention": "retention",
+    "portability": "portability", "fluency": "fluency (÷ before)",
 }
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; padding: 0 1.5rem; max-width: 1100px; color: #1d232a; }
@@ -132,11 +133,11 @@ def curves_png(x: list[str] | list[int], lines: dict[str, list], path: Path, tit
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if bars is not None:
         axes.bar(x, [np.nan if v is None else v for v in bars[1]], color="#c8d1dc", label=bars[0])
-    for (name, values), style, marker in zip(lines.items(), LINE_STYLES, MARKERS):
+    for (name, values), style, marker in zip(lines.items(), cycle(LINE_STYLES), cycle(MARKERS)):
         axes.plot(x, [np.nan if v is None else v for v in values], linestyle=style, marker=marker, markersize=4,
                   label=name)
-    if unit_range:
-        axes.set_ylim(-0.03, 1.05)
+    if unit_range:  # scores in [0, 1]; a fluency ratio may pass 1
+        axes.set_ylim(-0.03, max([1.05] + [v + 0.05 for vs in lines.values() for v in vs if v is not None]))
     axes.set_title(title, fontsize=10)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)

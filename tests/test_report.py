@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -156,6 +157,11 @@ def test_bench_report_has_a_row_and_a_series_per_method(result, tiny_world, tiny
 def test_unknown_input_names_the_fields_it_needs():
     with pytest.raises(ReportInputError, match="'summary' and 'records'"):
         input_kind({"rows": [{"method": "kdpo"}]})
+
+
+def test_rendering_imports_neither_mlflow_nor_prefect():
+    code = "import sys, kdpo.report, kdpo.cli; print(sorted({'mlflow', 'prefect'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_small_helpers():

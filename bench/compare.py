@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,6 +78,15 @@ def world_summary(world: World) -> dict:
         "recall_reached": min(trained.values()) >= info["config"]["recall_target"],
         "epochs": info["epochs"], "build_seconds": info["seconds"], "cached": info.get("cached", False),
     }
+
+
+def git_version() -> str | None:
+    """``git describe --always --dirty`` of the working tree, or None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
 
 
 def run_isolated(job: Job) -> dict:
@@ -143,6 +153,7 @@ def build_report(name: str, edits_file: str | None, world: World, counts: tuple[
         "device": device, "dtype": dtype,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": rows[0]["torch_threads"]},
+        "git": git_version(), "kdpo_source": sorted({row["kdpo_source"] for row in rows}),
         "schedule": SCHEDULE, "protocol": PROTOCOL,
         "memory_formula": {"peak": PEAK_FORMULA, "budget": BUDGET_FORMULA, "ratio": "peak / budget"},
         "edits": counts[-1], "rows": rows, "speed": speed_summary(rows),  # `kdpo report` reads edits and rows
@@ -213,7 +224,9 @@ def markdown(report: dict) -> str:
         f"Recall {recall}; target {world['recall_target']}: "
         f"{'reached' if world['recall_reached'] else '**NOT reached**'}.",
         f"Device {report['device']}, dtype {report['dtype']}, {report['machine']['torch_threads']} torch threads, "
-        f"{report['machine']['cpus']} CPUs, torch {report['machine']['torch']}.",
+        f"{report['machine']['cpus']} CPUs, torch {report['machine']['torch']}; code {report['git']}, "
+        f"kdpo sources {', '.join(report['kdpo_source'])}"
+        f"{' (**the methods ran different kdpo sources**)' if len(report['kdpo_source']) > 1 else ''}.",
         "",
         f"Schedule: {report['schedule']}. 'imm.' = immediate, 'final' = after the last of the row's edits; "
         "each row's N-edit result is the first N edits of one run, evaluated right after edit N.",

@@ -11,6 +11,7 @@ loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import kdpo
 from kdpo.editing import EditRecord, SequentialResult, make_config, run_sequential
 from kdpo.editors.base import find_module
 from kdpo.evaluation import evaluate, probe
@@ -46,6 +48,14 @@ class Job:
     fluency_tokens: int = 24
     out: str | None = None  # write the full result (per-edit records) here as <method>.json
     progress: bool = False
+
+
+def source_digest() -> str:
+    """Digest of the kdpo package's sources, to tell whether every method of a benchmark ran the same code."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(kdpo.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def proc_status_bytes(name: str) -> int | None:
@@ -115,6 +125,7 @@ def prefix_summary(result: SequentialResult, count: int, final: list) -> dict:
 def measure_method(job: Job) -> dict:
     """Run ``job.method`` for max(counts) sequential edits; quality at every count, time and peak memory."""
     counts = tuple(sorted(set(job.counts)))
+    source = source_digest()
     stages = {"before_load": proc_status_bytes("VmRSS")}
     reset_peak_rss()
     model, tokenizer = load_model(job.world, job.device, job.dtype)
@@ -157,6 +168,7 @@ def measure_method(job: Job) -> dict:
         "edit_seconds_by_window": edit_seconds_by_window(result.records, counts),
         "wall_seconds": wall,
         "torch_threads": torch.get_num_threads(),
+        "kdpo_source": source,
         "memory": memory_report(stages, model, config.modules),
         "load_average": os.getloadavg(),  # other processes on the machine skew the timings
     }

@@ -11,7 +11,6 @@ from kdpo.editing import make_config, run_sequential
 from kdpo.loaders import load_requests
 
 METHODS = ("kdpo", "ft-m")
-MAX_STEPS = 10  # the plumbing is under test here, not the editors: short edits keep it fast
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +18,7 @@ def bench_run(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     uri = f"sqlite:///{root / 'mlruns.db'}"
     argv = ["--world", str(tiny_world.path), "--edits", "3,5", "--methods", ",".join(METHODS), "--out", str(root / "out"),
-            "--set", f"max_steps={MAX_STEPS}", "--tracking-uri", uri, "--artifact-root", str(root / "artifacts"), "--quiet"]
+            "--tracking-uri", uri, "--artifact-root", str(root / "artifacts"), "--quiet"]
     assert main(argv) == 0
     return json.loads((root / "out" / "report.json").read_text()), root / "out", uri
 
@@ -30,7 +29,7 @@ def test_report_holds_every_method_at_every_edit_count(bench_run):
     for row in report["rows"]:
         assert [s["edits"] for s in row["by_count"]] == [3, 5]
         for summary in row["by_count"]:
-            assert 0.0 <= summary["final"]["edit_success"] <= 1.0 and 0.0 <= summary["immediate"]["edit_success"] <= 1.0
+            assert 0.0 <= summary["final"]["edit_success"] <= 1.0 and summary["immediate"]["edit_success"] > 0.5
             assert summary["seconds_per_edit"] > 0 and summary["final_eval_seconds"] > 0
         memory = row["memory"]
         assert memory["peak_rss_mb"] >= memory["rss_peak_after_probe_mb"] >= memory["rss_before_load_mb"] > 0
@@ -64,8 +63,7 @@ def test_the_3_edit_figures_equal_a_separate_3_edit_run(bench_run, tiny_world, t
     report, _, _ = bench_run
     model, tokenizer = tiny_model
     requests = load_requests(tiny_world.edits_path, limit=3).requests
-    config = make_config("ft-m", overrides={"max_steps": str(MAX_STEPS)})
-    alone = run_sequential(model, tokenizer, requests, "ft-m", config, tiny_world.corpus(), progress=False)
+    alone = run_sequential(model, tokenizer, requests, "ft-m", make_config("ft-m"), tiny_world.corpus(), progress=False)
     expected = alone.summary()
     measured = next(row for row in report["rows"] if row["method"] == "ft-m")["by_count"][0]
     for name in ("edit_success", "generalization", "locality"):

@@ -200,14 +200,16 @@ def speed_tables(report: dict) -> list[str]:
 
 def memory_table(report: dict) -> str:
     cuda = any("cuda_peak_allocated_mb" in r["memory"] for r in report["rows"])
-    headers = ["method", "model MB", "deltas MB", "budget MB", "RSS before load", "after load", "peak before editing",
-               "peak", "peak - before load", "ratio", *(["CUDA peak MB", "CUDA ratio"] * cuda)]
-    keys = ("model_mb", "trained_delta_mb", "budget_mb", "rss_before_load_mb", "rss_after_load_mb",
-            "rss_peak_after_probe_mb", "peak_rss_mb", "peak_over_baseline_mb", "ratio")
-    rows = [[r["method"], *(r["memory"].get(k) for k in keys),
-             *([r["memory"].get("cuda_peak_allocated_mb"), r["memory"].get("cuda_ratio")] * cuda)]
-            for r in report["rows"]]
-    return format_table(headers, rows)
+    first = report["counts"][0]
+    columns = {"model_mb": "model", "trained_delta_mb": "deltas", "budget_mb": "budget",
+               "rss_before_load_mb": "RSS before load", "peak_load_and_probe_mb": "peak load+probe",
+               "rss_before_editing_mb": "RSS before editing", "peak_first_edits_mb": f"peak edits 1-{first}",
+               "peak_rest_mb": "peak rest", "peak_over_baseline_mb": "peak - before load", "ratio": "ratio",
+               "first_edits_over_start_mb": f"edits 1-{first} - before editing"}
+    if cuda:
+        columns |= {"cuda_peak_allocated_mb": "CUDA peak", "cuda_ratio": "CUDA ratio"}
+    return format_table(["method", *columns.values()],
+                        [[r["method"], *(r["memory"].get(k) for k in columns)] for r in report["rows"]])
 
 
 def markdown(report: dict) -> str:
@@ -249,7 +251,9 @@ def markdown(report: dict) -> str:
     lines += ["Editor seconds per edit, by edit window:", "", "```", per_edit, "```", "",
               "Final-evaluation cost at each edit count (all N requests scored once, with fluency):", "",
               "```", curve, "```", "", "Least-squares line through the final-evaluation times:", "", fits, "",
-              "## Memory", "", f"peak = {PEAK_FORMULA}; budget = {BUDGET_FORMULA}; ratio = peak / budget.", "",
+              "## Memory", "", f"MB. peak = {PEAK_FORMULA}; budget = {BUDGET_FORMULA}; ratio = peak / budget. "
+              "'peak edits' covers the editor's setup (protection) and the first edits, before any evaluation; "
+              "a second copy of the model would add at least 'model' to it.", "",
               "```", memory_table(report), "```", ""]
     if report["targets"]:
         lines += ["## Targets (KDPO, largest edit count)", "", "```",

@@ -28,7 +28,7 @@ from kdpo.modeling import load_model
 from kdpo.world import model_corpus
 
 MB = 2**20
-PEAK_FORMULA = "peak RSS (VmHWM) of the method's own process minus its RSS after imports, before the model is loaded"
+PEAK_FORMULA = "peak RSS (VmHWM) of the method's own process minus its RSS after imports, before the model was loaded"
 BUDGET_FORMULA = (
     "bytes of the model's parameters and buffers + 4 x the trained float32 deltas "
     "(their values, gradients and Adam's two moments)"
@@ -89,18 +89,34 @@ def trained_delta_bytes(model: torch.nn.Module, modules: tuple[str, ...]) -> int
     return sum(find_module(model, name).weight.numel() for name in modules) * 4
 
 
-def memory_report(stages: dict[str, int | None], model: torch.nn.Module, modules: tuple[str, ...]) -> dict:
-    """Peak memory of this process since ``reset_peak_rss`` against model + training-state bytes.
+class MemoryTrace:
+    """RSS at named moments and the peak RSS (VmHWM) of each phase between them, in bytes; None without /proc."""
 
-    ``stages``: RSS before the model was loaded (``before_load``), and any other readings to report.
-    """
+    def __init__(self) -> None:
+        self.rss: dict[str, int | None] = {}
+        self.peaks: dict[str, int | None] = {}
+
+    def mark(self, name: str) -> None:
+        self.rss[name] = proc_status_bytes("VmRSS")
+
+    def end_phase(self, name: str) -> None:
+        """Record the peak since the last phase ended (or since ``reset_peak_rss``); start the next phase."""
+        self.peaks[name] = proc_status_bytes("VmHWM")
+        reset_peak_rss()
+
+
+def memory_report(trace: MemoryTrace, model: torch.nn.Module, modules: tuple[str, ...]) -> dict:
+    """Peak memory of this process over the run against model + training-state bytes (``BUDGET_FORMULA``),
+    and what the first edits added to the RSS at the start of editing (a second model would add model_mb)."""
     budget = parameter_bytes(model) + 4 * trained_delta_bytes(model, modules)
     report = {"model_mb": parameter_bytes(model) / MB, "trained_delta_mb": trained_delta_bytes(model, modules) / MB,
               "budget_mb": budget / MB}
-    peak, before = proc_status_bytes("VmHWM"), stages["before_load"]
-    if peak is not None and before is not None:
-        report |= {f"rss_{stage}_mb": value / MB for stage, value in stages.items()}
-        report |= {"peak_rss_mb": peak / MB, "peak_over_baseline_mb": (peak - before) / MB, "ratio": (peak - before) / budget}
+    if None not in (*trace.rss.values(), *trace.peaks.values()):
+        peak, before = max(trace.peaks.values()), trace.rss["before_load"]
+        report |= {f"rss_{name}_mb": value / MB for name, value in trace.rss.items()}
+        report |= {f"peak_{name}_mb": value / MB for name, value in trace.peaks.items()}
+        report |= {"peak_rss_mb": peak / MB, "peak_over_baseline_mb": (peak - before) / MB, "ratio": (peak - before) / budget,
+                   "first_edits_over_start_mb": (trace.peaks["first_edits"] - trace.rss["before_editing"]) / MB}
     if next(model.parameters()).device.type == "cuda":
         allocated = torch.cuda.max_memory_allocated()
         report |= {"cuda_peak_allocated_mb": allocated / MB, "cuda_ratio": allocated / budget}
@@ -126,10 +142,10 @@ def measure_method(job: Job) -> dict:
     """Run ``job.method`` for max(counts) sequential edits; quality at every count, time and peak memory."""
     counts = tuple(sorted(set(job.counts)))
     source = source_digest()
-    stages = {"before_load": proc_status_bytes("VmRSS")}
+    trace = MemoryTrace()
+    trace.mark("before_load")
     reset_peak_rss()
     model, tokenizer = load_model(job.world, job.device, job.dtype)
-    stages["after_load"] = proc_status_bytes("VmRSS")
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     requests = load_requests(Path(job.world) / "edits.jsonl", limit=counts[-1]).requests
@@ -137,12 +153,15 @@ def measure_method(job: Job) -> dict:
         raise ValueError(f"--edits asks for {counts[-1]} edits, but the world has {len(requests)} edit requests")
     config = make_config(job.method, overrides=job.overrides)
     baseline = probe(model, tokenizer, requests, job.fluency_tokens)
-    stages["peak_after_probe"] = proc_status_bytes("VmHWM")  # the peak before any editing
+    trace.end_phase("load_and_probe")
+    trace.mark("before_editing")
     checkpoints: dict[int, tuple[list, float]] = {}
     last_edit = [0.0]
 
     def on_edit(record: EditRecord) -> None:
         count = record.index + 1
+        if count == counts[0]:
+            trace.end_phase("first_edits")  # the editor's setup and edits 1..counts[0], before any evaluation
         if count in counts[:-1]:
             started = time.perf_counter()
             final = evaluate(model, tokenizer, requests[:count], baseline.locality_predictions[:count], job.fluency_tokens)
@@ -154,6 +173,7 @@ def measure_method(job: Job) -> dict:
                             job.fluency_tokens, progress=job.progress, on_edit=on_edit)
     checkpoints[counts[-1]] = (result.final, time.perf_counter() - last_edit[0])  # run_sequential's own final
     wall = time.perf_counter() - started
+    trace.end_phase("rest")
     if job.out:
         result.write_json(Path(job.out) / f"{job.method}.json")
     by_count = [  # one summary per edit count, ascending; each has "edits": its count
@@ -169,6 +189,6 @@ def measure_method(job: Job) -> dict:
         "wall_seconds": wall,
         "torch_threads": torch.get_num_threads(),
         "kdpo_source": source,
-        "memory": memory_report(stages, model, config.modules),
+        "memory": memory_report(trace, model, config.modules),
         "load_average": os.getloadavg(),  # other processes on the machine skew the timings
     }

@@ -3,6 +3,7 @@ MLflow run (parameters, metrics, artifacts) under the flow's parent run."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,12 +12,15 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from data_checks import split_valid, validate_requests
-from kdpo.editing import SequentialResult, make_config, run_sequential
+from kdpo.editing import (
+    Checkpoint, SequentialResult, latest_checkpoint, load_checkpoint, make_config, run_sequential, save_checkpoint,
+)
 from kdpo.evaluation import Probe, probe, summarize
 from kdpo.loaders import load_requests, write_jsonl
 from kdpo.modeling import load_model
 from kdpo.requests import EditRequest
 from kdpo.world import model_corpus
+from tasks.caching import probe_cache_key
 from tasks.tracking import flat_metrics, step_run
 
 
@@ -46,11 +50,17 @@ def validate_edits(edits_path: str, parent_run_id: str, work_dir: str, quarantin
         return good
 
 
-@task(name="probe-baseline")
-def probe_baseline(model_dir: str, requests: list[EditRequest], parent_run_id: str) -> Probe:
-    """What the starting model answers for every edit, rephrase and locality prompt."""
+@task(name="probe-baseline", cache_key_fn=probe_cache_key, persist_result=True)
+def probe_baseline(model_dir: str, requests: list[EditRequest]) -> Probe:
+    """What the starting model answers for every edit, rephrase and locality prompt (cached by the model's
+    files and the requests: a resumed refresh reuses the probe of the unedited model)."""
     model, tokenizer = load_model(model_dir)
-    baseline = probe(model, tokenizer, requests)
+    return probe(model, tokenizer, requests)
+
+
+@task(name="log-probe")
+def log_probe(baseline: Probe, model_dir: str, requests: list[EditRequest], parent_run_id: str) -> None:
+    """The probe's MLflow step run, whether the probe ran or came from Prefect's cache."""
     with step_run("probe", parent_run_id, {"model": model_dir, "requests": len(requests)}):
         mlflow.log_metrics(flat_metrics("probe", summarize(baseline.scores)))
         mlflow.log_table(
@@ -58,19 +68,27 @@ def probe_baseline(model_dir: str, requests: list[EditRequest], parent_run_id: s
              "answers_now": baseline.answers, "target_new": [r.target_new for r in requests]},
             "probe/answers.json",
         )
-    return baseline
 
 
 @task(name="apply-edits")
 def apply_edits(
     model_dir: str, requests: list[EditRequest], baseline: Probe, parent_run_id: str, work_dir: str,
-    method: str = "kdpo", settings: dict | None = None,
+    method: str = "kdpo", settings: dict | None = None, checkpoint_every: int = 25,
 ) -> tuple[str, dict]:
-    """Sequential editing; per-edit metrics are MLflow step series (step = edit index)."""
+    """Sequential editing, resumed from the last checkpoint in ``work_dir/checkpoints`` if there is one.
+
+    Per-edit metrics are MLflow step series (step = edit index; a resumed run logs the finished edits'
+    again, from the checkpoint). A checkpoint is saved every ``checkpoint_every`` edits and after the last,
+    and logged as the edit run's ``edit/checkpoint`` artifact (the latest one only).
+    """
     config = make_config(method, overrides=settings or {})
-    model, tokenizer = load_model(model_dir)
+    checkpoints = Path(work_dir) / "checkpoints"
+    latest = latest_checkpoint(checkpoints)
+    model, tokenizer, resume = load_checkpoint(latest) if latest else (*load_model(model_dir), None)
     corpus = model_corpus(model_dir)
-    with step_run("edit", parent_run_id, {"method": method, **asdict(config)}):
+    resumed_at = resume.next_edit if resume else 0
+    params = {"method": method, "checkpoint_every": checkpoint_every, "resumed_at_edit": resumed_at, **asdict(config)}
+    with step_run("edit", parent_run_id, params):
         def log_edit(record):
             mlflow.log_metrics(
                 {"edit/steps": record.steps, "edit/seconds": record.seconds, "edit/delta_norm": record.delta_norm,
@@ -78,14 +96,21 @@ def apply_edits(
                 step=record.index,
             )
 
+        def checkpoint(state: Checkpoint):
+            mlflow.log_artifacts(str(save_checkpoint(checkpoints, model, tokenizer, state)), "edit/checkpoint")
+
+        for record in resume.records if resume else []:
+            log_edit(record)
         result: SequentialResult = run_sequential(
-            model, tokenizer, requests, method, config, corpus, baseline, progress=False, on_edit=log_edit
+            model, tokenizer, requests, method, config, corpus, baseline, progress=False, on_edit=log_edit,
+            resume=resume, checkpoint_every=checkpoint_every, on_checkpoint=checkpoint,
         )
         edited = Path(work_dir) / "edited-model"
         model.save_pretrained(edited)
         tokenizer.save_pretrained(edited)
-        if corpus is not None:  # later refreshes keep protecting what the model knows
-            (edited / "corpus.txt").write_text("\n".join(corpus) + "\n")
+        for carried in ("corpus.txt", "edits.jsonl"):  # what later refreshes protect, and their default edits
+            if (Path(model_dir) / carried).exists():
+                shutil.copy(Path(model_dir) / carried, edited / carried)
         result.write_json(Path(work_dir) / "result.json")
         mlflow.log_artifact(str(Path(work_dir) / "result.json"), "edit")
     return str(edited), result.summary()

@@ -1,14 +1,41 @@
-"""The knowledge-refresh flow end to end on the tiny world: MLflow runs, metrics, registry aliases."""
+"""The knowledge-refresh flow end to end on the tiny world: MLflow runs, metrics, registry aliases,
+Prefect's cache of the world build and the baseline probe."""
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import TINY_WORLD
 from mlflow.tracking import MlflowClient
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows.knowledge_refresh import knowledge_refresh
 from kdpo.loaders import write_jsonl
+from kdpo.world import WorldConfig, cache_root
+from tasks.caching import probe_cache_key, refresh_work_dir
 from tasks.refresh import DataGateError
+import tasks.world
+from tasks.world import build_world_task, cached_world
+
+RELAXED = {"min_locality": 0.0, "max_fluency_drop": 10.0}
+
+
+@pytest.fixture(autouse=True)
+def kdpo_home(tmp_path, monkeypatch):
+    """Refresh work directories (checkpoints) and cached worlds live in the test's folder."""
+    monkeypatch.setenv("KDPO_HOME", str(tmp_path / "kdpo-home"))
+    return tmp_path / "kdpo-home"
+
+
+@pytest.fixture
+def prefect_results(tmp_path):
+    """Prefect's persisted task results (its cache) in the test's folder, so a first run is never a hit."""
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        yield
 
 
 @pytest.fixture
@@ -16,6 +43,14 @@ def tracking(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def task_states(tracking: str, run_id: str) -> dict[str, str]:
+    """Task name -> final state name of the Prefect flow run behind an MLflow parent run."""
+    flow_run_id = MlflowClient(tracking).get_run(run_id).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
 def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path):
@@ -78,3 +113,61 @@ def test_quarantine_edits_only_the_good_records(tiny_world, tiny_requests, track
     validate = next(c for c in children if c.data.tags["kdpo.step"] == "validate")
     assert validate.data.metrics["validate/bad_records"] == 1
     assert "validation/quarantine.jsonl" in [a.path for a in client.list_artifacts(validate.info.run_id, "validation")]
+
+
+def test_baseline_probe_is_cached_by_model_and_requests(tiny_world, tiny_requests, tracking, tmp_path, prefect_results):
+    runs = [
+        knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, artifact_root=str(tmp_path / "a"),
+                          model_name="cached", settings={"max_steps": 150}, gates=RELAXED)
+        for _ in range(2)
+    ]
+    first, second = (task_states(tracking, run["run_id"]) for run in runs)
+    assert first["probe-baseline"] == "Completed" and second["probe-baseline"] == "Cached"
+    assert first["log-probe"] == second["log-probe"] == "Completed"  # the probe's MLflow step run either way
+    assert runs[0]["summary"]["final"] == runs[1]["summary"]["final"]
+    key = probe_cache_key(None, {"model_dir": str(tiny_world.path), "requests": tiny_requests[:2]})
+    assert key != probe_cache_key(None, {"model_dir": str(tiny_world.path), "requests": tiny_requests[:3]})
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_world.path, edited)
+    (edited / "model.safetensors").write_bytes((edited / "model.safetensors").read_bytes()[:-1] + b"\0")
+    assert key != probe_cache_key(None, {"model_dir": str(edited), "requests": tiny_requests[:2]})
+
+
+def test_world_build_is_cached_by_its_inputs(tiny_world, prefect_results, tmp_path, monkeypatch):
+    config = WorldConfig(**TINY_WORLD)
+    world_dir = cache_root() / tiny_world.info["key"]
+    shutil.copytree(tiny_world.path, world_dir)  # built already: the builder's own disk cache has it
+
+    @flow
+    def build_state(config: WorldConfig) -> str:
+        return build_world_task(config, return_state=True).name
+
+    assert build_state(config) == "Completed"
+    assert build_state(config) == "Cached"
+    assert build_state(WorldConfig(**TINY_WORLD | {"seed": 1, "max_epochs": 1})) == "Completed"  # other inputs
+
+    # a cached record naming a world directory that is gone: the task runs again
+    shutil.move(world_dir, tmp_path / "moved")
+    real_build = tasks.world.build_world
+
+    def restore_then_build(config, progress):  # stands in for the rebuild: the directory comes back
+        shutil.move(tmp_path / "moved", world_dir)
+        return real_build(config, progress=progress)
+
+    monkeypatch.setattr(tasks.world, "build_world", restore_then_build)
+
+    @flow
+    def world_path(config: WorldConfig) -> Path:
+        return cached_world(config).path
+
+    assert world_path(config) == world_dir and not (tmp_path / "moved").exists()
+
+
+def test_refresh_work_dir_is_keyed_by_the_refresh_inputs(tiny_world, kdpo_home):
+    edits, model = str(tiny_world.edits_path), str(tiny_world.path)
+    work_dir = refresh_work_dir(edits, model, "kdpo", None, 5, False)
+    assert work_dir.parent == kdpo_home / "refreshes" and work_dir.is_dir()
+    assert refresh_work_dir(edits, model, "kdpo", None, 5, False) == work_dir
+    others = [refresh_work_dir(edits, model, "ft-m", None, 5, False), refresh_work_dir(edits, model, "kdpo", {"lr": 1e-3}, 5, False),
+              refresh_work_dir(edits, model, "kdpo", None, 6, False)]
+    assert len({work_dir, *others}) == 4

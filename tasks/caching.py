@@ -1,0 +1,63 @@
+"""Content keys of a refresh's inputs: the Prefect cache keys of the world build and the baseline probe,
+and the refresh's work directory (its checkpoints), so re-running the same refresh finds them."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from kdpo.requests import EditRequest
+from kdpo.world import WorldConfig, cache_root
+from kdpo.world.build import DATA, world_key
+
+
+def _update_with_file(digest, path: Path) -> None:
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def directory_digest(path: str | Path) -> str:
+    """SHA-256 of every file under ``path``, names and contents (a model directory: weights and all)."""
+    root, digest = Path(path), hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode() + b"\0")
+        _update_with_file(digest, file)
+    return digest.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of one file's content."""
+    digest = hashlib.sha256()
+    _update_with_file(digest, Path(path))
+    return digest.hexdigest()
+
+
+def requests_digest(requests: list[EditRequest]) -> str:
+    """SHA-256 of the requests' canonical JSON."""
+    return hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest()
+
+
+def world_cache_key(context, parameters: dict) -> str:
+    """Prefect cache key of ``build_world_task``: the world's own key (WorldConfig, fact table, build
+    format) and the folder it is built in (``$KDPO_HOME/worlds``)."""
+    key = world_key([DATA / "facts.csv", DATA / "relations.json"], parameters["config"] or WorldConfig())
+    return f"world-{key}-{hashlib.sha256(str(cache_root().resolve()).encode()).hexdigest()[:8]}"
+
+
+def probe_cache_key(context, parameters: dict) -> str:
+    """Prefect cache key of the baseline probe: the model's files and the requests probed."""
+    return f"probe-{directory_digest(parameters['model_dir'])[:16]}-{requests_digest(parameters['requests'])[:16]}"
+
+
+def refresh_work_dir(
+    edits_path: str, model_dir: str, method: str, settings: dict | None, limit: int | None, quarantine: bool
+) -> Path:
+    """``$KDPO_HOME/refreshes/KEY``, created: the work directory of the refresh with these inputs (edit file
+    content, starting model files, method, settings, limit, quarantine), so a re-run after a crash resumes."""
+    inputs = {"edits": file_digest(edits_path), "model": directory_digest(model_dir), "method": method,
+              "settings": settings or {}, "limit": limit, "quarantine": quarantine}
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_root().parent / "refreshes" / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path

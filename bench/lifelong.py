@@ -1,0 +1,248 @@
+"""Lifelong-editing benchmark: 1,000 sequential edits, each method with and without null-space protection,
+on several world seeds, with the headline metrics at 100, 250, 500 and 1,000 edits.
+
+    python -m bench.lifelong                                   # default world, seeds 0,1,2, 1,000 edits
+    python -m bench.lifelong --seeds 0 --edits 100,250 --methods kdpo,ft-m --protections null-space
+    python -m bench.lifelong --edits-file ../shared/data/counterfact-edit-2k.json --seeds 0 --edits 100,250,500,1000
+    python -m bench.lifelong --edits-file ../shared/data/zsre_mend-500.json --seeds 0 --edits 100,250,500
+
+Each (seed, method, protection) runs in a process of its own (``bench.measure``): one run of max(N) edits,
+every first-N prefix scored right after edit N. Writes ``bench/results/lifelong-NAME/report.{md,json}`` and
+``curves.png``; the bar of the lifelong issue is checked against KDPO with default settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from bench.compare import METHODS, parse_counts, prepare_world, run_isolated, world_summary
+from bench.measure import Job
+from kdpo.cli import UsageError, _split_setting
+from kdpo.config import ConfigError, build_settings
+from kdpo.editing import SCHEDULE, make_config
+from kdpo.evaluation import PROTOCOL
+from kdpo.world import WorldConfig, build_world
+
+PROTECTIONS = ("null-space", "none")
+HEADLINE = ("edit_success", "generalization", "locality", "retention", "fluency")
+BAR = {"edit_success": 0.95, "generalization": 0.85, "locality": 0.90, "retention": 0.90}
+FLUENCY_TOLERANCE = 0.02  # relative to the pre-edit model
+
+
+def headline(summary: dict) -> dict:
+    """Final ES/GEN/LOC/fluency, retention, immediate ES, s/edit and weight drift of one summary."""
+    final = summary["final"]
+    return {
+        "edit_success": final["edit_success"], "generalization": final["generalization"],
+        "locality": final["locality"], "retention": summary["retention"], "fluency": final["fluency"],
+        "fluency_before": summary["fluency_before"], "immediate_edit_success": summary["immediate"]["edit_success"],
+        "seconds_per_edit": summary["seconds_per_edit"], "weight_drift": summary.get("weight_drift", {}),
+    }
+
+
+def multi_token_success(result_path: Path, tokenizer) -> dict:
+    """Final edit success of the edits whose target is 2+ tokens, and how many there are (from the
+    method's full result JSON: each request's answers entry and final scores)."""
+    from kdpo.modeling import answer_token_ids
+
+    result = json.loads(result_path.read_text())
+    scores = [final["edit_success"] for final, answer in zip(result["final"], result["answers"])
+              if len(answer_token_ids(tokenizer, answer["target_new"])) >= 2]
+    return {"edits": len(scores), "edit_success": statistics.fmean(scores) if scores else None}
+
+
+def aggregate(values: list[float | None]) -> dict:
+    """Mean and sample standard deviation over seeds (None where a value is missing)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"mean": None, "sd": None}
+    return {"mean": statistics.fmean(present), "sd": statistics.stdev(present) if len(present) > 1 else 0.0}
+
+
+def summarize_variant(runs: list[dict], counts: tuple[int, ...]) -> dict:
+    """Across seeds, for one (method, protection): each headline metric at each edit count."""
+    by_count = {}
+    for position, count in enumerate(counts):
+        figures = [headline(run["by_count"][position]) for run in runs]
+        by_count[count] = {
+            name: aggregate([f[name] for f in figures])
+            for name in (*HEADLINE, "immediate_edit_success", "seconds_per_edit")
+        }
+    by_count[counts[-1]]["multi_token_edit_success"] = aggregate([run["multi_token"]["edit_success"] for run in runs])
+    return by_count
+
+
+def bar_checks(variants: dict, counts: tuple[int, ...]) -> list[dict]:
+    """The lifelong bar against protected KDPO (default settings) at the largest edit count."""
+    kdpo = variants.get("kdpo/null-space")
+    if kdpo is None:
+        return []
+    last = kdpo[counts[-1]]
+    checks = [{"target": f"{name} >= {bound} after {counts[-1]} edits", "measured": last[name]["mean"],
+               "met": last[name]["mean"] is not None and last[name]["mean"] >= bound} for name, bound in BAR.items()]
+    before, after = last["fluency_before"]["mean"], last["fluency"]["mean"]
+    if before and after is not None:
+        change = abs(after - before) / before
+        checks.append({"target": f"fluency within {FLUENCY_TOLERANCE:.0%} of the pre-edit model",
+                       "measured": change, "met": change <= FLUENCY_TOLERANCE})
+    return checks
+
+
+def plot_curves(variants: dict, counts: tuple[int, ...], path: Path) -> None:
+    """One panel per headline metric over the edit count, a line per (method, protection), mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("edit_success", "generalization", "locality", "retention")
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), sharey=True)
+    for axis, metric in zip(axes, metrics):
+        for name, by_count in sorted(variants.items()):
+            means = [by_count[c][metric]["mean"] for c in counts]
+            style = "-" if name.endswith("null-space") else "--"
+            axis.plot(counts, [m if m is not None else float("nan") for m in means], style, marker="o", label=name)
+        axis.set_title(metric.replace("_", " "))
+        axis.set_xlabel("sequential edits")
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def markdown(report: dict) -> str:
+    counts = report["counts"]
+    lines = [f"# Lifelong editing: {report['name']}", "",
+             f"World seeds {report['seeds']}; {counts[-1]} sequential edits; schedule: {report['schedule']}", ""]
+    header = ["method", "protection", "ES now", "ES", "ES 2+ tokens", "GEN", "LOC", "RET", "fluency", "s/edit"]
+    rows = []
+    for name, by_count in sorted(report["variants"].items()):
+        method, protection = name.split("/")
+        last = by_count[counts[-1]]
+        rows.append([method, protection] + [
+            _cell(last[m]) for m in ("immediate_edit_success", "edit_success", "multi_token_edit_success",
+                                     "generalization", "locality", "retention", "fluency", "seconds_per_edit")])
+    lines += [f"## After {counts[-1]} edits (mean ± sd over seeds)", "", _md_table(header, rows), ""]
+    curve_rows = []
+    for name, by_count in sorted(report["variants"].items()):
+        for count in counts:
+            c = by_count[count]
+            curve_rows.append([name, count] + [_cell(c[m]) for m in ("edit_success", "generalization", "locality",
+                                                                       "retention")])
+    lines += ["## Curve", "", _md_table(["variant", "edits", "ES", "GEN", "LOC", "RET"], curve_rows), "",
+              "![curves](curves.png)", ""]
+    if report["bar"]:
+        lines += ["## The bar (protected KDPO, default settings)", "", _md_table(
+            ["target", "measured", "met"],
+            [[c["target"], f"{c['measured']:.3f}" if c["measured"] is not None else "-", "yes" if c["met"] else "NO"]
+             for c in report["bar"]]), ""]
+    lines += ["Fluency: weighted 2/3-gram entropy of greedy generations; before editing: "
+              + ", ".join(f"seed {w['seed']}: {w['fluency_before']:.3f}" for w in report["worlds"]), ""]
+    return "\n".join(lines)
+
+
+def _cell(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:.3f}" + (f" ± {stat['sd']:.3f}" if stat["sd"] else "")
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.lifelong", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--edits-file", help="build the worlds from this edit file (default: the shipped fact table)")
+    source.add_argument("--world", help="an already built world directory, used as it is (instead of --seeds)")
+    parser.add_argument("--edits", default="100,250,500,1000", help="edit counts of the curve (default 100,250,500,1000)")
+    parser.add_argument("--seeds", default="0,1,2", help="world seeds (default 0,1,2)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--protections", default=",".join(PROTECTIONS))
+    parser.add_argument("--world-set", action="append", metavar="KEY=VALUE", help="a world build setting")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="an editor setting, for every variant")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--name", help="report name (default: the edit file's stem, or default-world)")
+    parser.add_argument("--out", help="report folder (default: bench/results/lifelong-NAME)")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    counts = parse_counts(args.edits)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if not args.world else [None]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    protections = [p.strip() for p in args.protections.split(",") if p.strip()]
+    overrides = dict(_split_setting(item) for item in args.set or [])
+    for method in methods:
+        for protection in protections:
+            make_config(method, overrides=overrides | {"protection": protection})  # fail before any work
+    world_settings = dict(_split_setting(item) for item in args.world_set or [])
+    name = args.name or next(Path(p).stem for p in (args.edits_file, args.world, "default-world") if p)
+    out = Path(args.out or Path("bench/results") / f"lifelong-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    worlds = []
+    for seed in seeds:
+        if args.world:
+            world = prepare_world(args)
+            seed = world.info["config"]["seed"]
+        else:
+            config = build_settings(WorldConfig, world_settings | {"seed": str(seed)}, "world")
+            world = build_world(config, from_file=args.edits_file, progress=not args.quiet)
+        if world.info["edits"] < counts[-1]:
+            raise UsageError(f"{counts[-1]} edits asked, but the world (seed {seed}) has {world.info['edits']} requests")
+        fluency_before = None
+        tokenizer = AutoTokenizer.from_pretrained(world.path)
+        for method in methods:
+            for protection in protections:
+                job_out = out / f"seed{seed}-{protection}"
+                job_out.mkdir(exist_ok=True)
+                result = run_isolated(Job(str(world.path), method, counts, overrides | {"protection": protection},
+                                          args.device, out=str(job_out), progress=not args.quiet))
+                result["multi_token"] = multi_token_success(job_out / f"{method}.json", tokenizer)
+                runs.setdefault(f"{method}/{protection}", []).append(result)
+                fluency_before = result["by_count"][0]["fluency_before"]
+                if not args.quiet:
+                    print(f"seed {seed} {method}/{protection}: {json.dumps(headline(result['by_count'][-1]))}")
+        worlds.append(world_summary(world) | {"seed": seed, "fluency_before": fluency_before})
+    variants = {name: summarize_variant(variant_runs, counts) for name, variant_runs in runs.items()}
+    report = {
+        "name": name, "edits_file": args.edits_file, "counts": list(counts), "seeds": [w["seed"] for w in worlds],
+        "worlds": worlds,
+        "overrides": overrides, "schedule": SCHEDULE + "; plus every first-N prefix scored right after edit N",
+        "protocol": PROTOCOL, "variants": variants, "bar": bar_checks(variants, counts),
+        "configs": {name: variant_runs[0]["config"] for name, variant_runs in runs.items()},
+        "runs": {name: [{"by_count": r["by_count"], "memory": r["memory"], "multi_token": r["multi_token"]}
+                        for r in variant_runs]
+                 for name, variant_runs in runs.items()},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    plot_curves(variants, counts, out / "curves.png")
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except (UsageError, ConfigError) as error:
+        print(f"bench.lifelong: error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -133,8 +133,11 @@ def target_checks(rows: list[dict], default_world: bool) -> list[dict]:
     checks = [{"target": f"{name} (final) >= {bound}", "measured": measured[name],
                "met": measured[name] is not None and measured[name] >= bound} for name, bound in QUALITY_TARGETS.items()]
     if default_world:
-        checks.append({"target": f"seconds per KDPO edit on the default world <= {SPEED_TARGET}",
+        checks.append({"target": f"seconds per KDPO edit on the default world <= {SPEED_TARGET} (wall clock)",
                        "measured": last["seconds_per_edit"], "met": last["seconds_per_edit"] <= SPEED_TARGET})
+        if kdpo.get("cpu_seconds_per_edit") is not None:
+            checks.append({"target": f"CPU seconds per KDPO edit on the default world <= {SPEED_TARGET}",
+                           "measured": kdpo["cpu_seconds_per_edit"], "met": kdpo["cpu_seconds_per_edit"] <= SPEED_TARGET})
     ratio = kdpo["memory"].get("cuda_ratio", kdpo["memory"].get("ratio"))
     if ratio is not None:
         checks.append({"target": f"peak memory / (model + trained-delta state) <= {MEMORY_TARGET}",
@@ -180,9 +183,9 @@ def speed_tables(report: dict) -> list[str]:
     methods = report["rows"]
     windows = list(methods[0]["edit_seconds_by_window"])
     per_edit = format_table(
-        ["method", *(f"s/edit {w}" for w in windows), "steps/edit", "wall s", "load avg (1 min) after"],
-        [[r["method"], *r["edit_seconds_by_window"].values(), r["by_count"][-1]["steps_per_edit"], r["wall_seconds"],
-          r["load_average"][0]] for r in methods],
+        ["method", *(f"s/edit {w}" for w in windows), "CPU s/edit", "steps/edit", "wall s", "load avg (1 min) after"],
+        [[r["method"], *r["edit_seconds_by_window"].values(), r.get("cpu_seconds_per_edit"),
+          r["by_count"][-1]["steps_per_edit"], r["wall_seconds"], r["load_average"][0]] for r in methods],
     )
     curves = report["speed"]["eval_curves"]
     curve_rows = [
@@ -248,7 +251,9 @@ def markdown(report: dict) -> str:
         lines.append(f"KDPO / FT-M seconds per edit (same run, {report['counts'][-1]} edits): "
                      f"{speed['kdpo_over_ft_m']:.2f}.\n")
     per_edit, curve, fits = speed_tables(report)
-    lines += ["Editor seconds per edit, by edit window:", "", "```", per_edit, "```", "",
+    lines += ["Editor seconds per edit (wall clock), by edit window; CPU s/edit = CPU time of all threads per edit, "
+              "edits 2..N with their immediate evaluation (the machine's other load does not inflate it):",
+              "", "```", per_edit, "```", "",
               "Final-evaluation cost at each edit count (all N requests scored once, with fluency):", "",
               "```", curve, "```", "", "Least-squares line through the final-evaluation times:", "", fits, "",
               "## Memory", "", f"MB. peak = {PEAK_FORMULA}; budget = {BUDGET_FORMULA}; ratio = peak / budget. "

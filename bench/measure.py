@@ -157,16 +157,19 @@ def measure_method(job: Job) -> dict:
     trace.mark("before_editing")
     checkpoints: dict[int, tuple[list, float]] = {}
     last_edit = [0.0]
+    cpu = {"since": 0.0, "edits_after_first": 0.0}  # CPU seconds, all threads: insensitive to other processes
 
     def on_edit(record: EditRecord) -> None:
         count = record.index + 1
+        if count > 1:  # the first edit's CPU time also holds the editor's setup (protection)
+            cpu["edits_after_first"] += time.process_time() - cpu["since"]
         if count == counts[0]:
             trace.end_phase("first_edits")  # the editor's setup and edits 1..counts[0], before any evaluation
         if count in counts[:-1]:
             started = time.perf_counter()
             final = evaluate(model, tokenizer, requests[:count], baseline.locality_predictions[:count], job.fluency_tokens)
             checkpoints[count] = (final, time.perf_counter() - started)
-        last_edit[0] = time.perf_counter()
+        last_edit[0], cpu["since"] = time.perf_counter(), time.process_time()
 
     started = time.perf_counter()
     result = run_sequential(model, tokenizer, requests, job.method, config, model_corpus(job.world), baseline,
@@ -187,6 +190,8 @@ def measure_method(job: Job) -> dict:
         "by_count": by_count,
         "edit_seconds_by_window": edit_seconds_by_window(result.records, counts),
         "wall_seconds": wall,
+        # edits 2..N, each with its immediate evaluation of one request, without the checkpoint evaluations
+        "cpu_seconds_per_edit": cpu["edits_after_first"] / (counts[-1] - 1) if counts[-1] > 1 else None,
         "torch_threads": torch.get_num_threads(),
         "kdpo_source": source,
         "memory": memory_report(trace, model, config.modules),

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m flows.knowledge_refresh [--edits FILE] [--limit N] ...``: one refresh, Prefect's ephemeral API."""
     import argparse
 
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP, temporary_settings
+
     from kdpo.cli import summary_table
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifact-root", help="where a new experiment keeps artifacts (default: ./mlartifacts)")
     parser.add_argument("--checkpoint-every", type=int, default=25, help="save a resumable checkpoint every N edits")
     args = parser.parse_args(argv)
-    result = knowledge_refresh(**vars(args))
+    with temporary_settings({STARTUP: max(STARTUP.value(), 120)}):  # Prefect's default 20 s is short on a busy CPU
+        result = knowledge_refresh(**vars(args))
     print(summary_table([result["summary"]]))
     print("gates: " + ", ".join(f"{name} {'passed' if ok else 'FAILED'}" for name, ok in result["gates"]["checks"].items()))
     alias = "champion" if result["promoted"] else "challenger only (the champion stays)"

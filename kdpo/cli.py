@@ -175,6 +175,9 @@ def cmd_edit(args) -> int:
     print(summary_table([result.summary()]))
     print(f"fluency before editing: {_cell(result.summary()['fluency_before'])}")
     print(f"schedule: {result.schedule}")
+    for module in result.protection:
+        print(f"null space of {module['module']}: {module['dim'] - module['protected_at_start']} of {module['dim']} "
+              f"key directions free before editing, {module['free_at_end']} after")
     if args.save:
         print(f"edited model saved to {args.save}")
     return 0

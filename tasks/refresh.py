@@ -92,7 +92,7 @@ def apply_edits(
         def log_edit(record):
             mlflow.log_metrics(
                 {"edit/steps": record.steps, "edit/seconds": record.seconds, "edit/delta_norm": record.delta_norm,
-                 **flat_metrics("edit/immediate", asdict(record.immediate))},
+                 **flat_metrics("edit/immediate", asdict(record.immediate)), **flat_metrics("edit/drift", record.drift)},
                 step=record.index,
             )
 
@@ -111,6 +111,11 @@ def apply_edits(
         for carried in ("corpus.txt", "edits.jsonl"):  # what later refreshes protect, and their default edits
             if (Path(model_dir) / carried).exists():
                 shutil.copy(Path(model_dir) / carried, edited / carried)
+        if corpus is not None:  # the new facts join the corpus, so later refreshes protect them too
+            with open(edited / "corpus.txt", "a") as handle:
+                handle.writelines(
+                    f"{prompt} {r.target_new}\n" for r in requests for prompt in (r.prompt, *r.rephrase_prompts)
+                )
         result.write_json(Path(work_dir) / "result.json")
         mlflow.log_artifact(str(Path(work_dir) / "result.json"), "edit")
     return str(edited), result.summary()

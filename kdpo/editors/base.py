@@ -34,8 +34,8 @@ class EditorConfig:
     max_steps: int = 40
     stop_margin: float = 4.0
     protection: str = "null-space"
-    null_space_threshold: float = 1e-4
-    null_space_rule: str = "relative"  # or "energy" (see kdpo.protection.ProtectedSubspace)
+    null_space_threshold: float = 1e-3  # energy rule: protect the directions holding 99.9% of K0's energy
+    null_space_rule: str = "energy"  # or "relative": eigenvalue >= threshold x the largest
     protect_edit_keys: bool = True
     delta_penalty: float = 0.0  # weight of sum ||D||^2 in the loss: the smallest change that makes the edit
 

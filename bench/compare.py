@@ -350,14 +350,13 @@ def run(args: argparse.Namespace) -> dict:
     name = args.name or next(Path(p).stem for p in (args.edits_file, args.world, "default-world") if p)
     out = Path(args.out or Path("bench/results") / name)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [
-        run_isolated(Job(str(world.path), method, counts, overrides, args.device, args.dtype, out=str(out),
-                         progress=not args.quiet))
-        for method in methods
-    ]
-    report = build_report(name, args.edits_file, world, counts, rows, args.device, args.dtype)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
+    rows = []
+    for method in methods:  # the report is rewritten after each method, so a long run stopped early keeps its rows
+        rows.append(run_isolated(Job(str(world.path), method, counts, overrides, args.device, args.dtype,
+                                     out=str(out), progress=not args.quiet)))
+        report = build_report(name, args.edits_file, world, counts, rows, args.device, args.dtype)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(markdown(report))
     if not args.no_mlflow:
         report["mlflow_runs"] = log_to_mlflow(report, out, args.tracking_uri, args.artifact_root)
     return report

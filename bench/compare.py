@@ -362,15 +362,20 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_and_print(prog: str, parser: argparse.ArgumentParser, run_report, render, argv: list[str] | None) -> int:
+    """A benchmark's command line: parse, run, print the markdown; a user mistake is one line and exit 2."""
+    args = parser.parse_args(argv)
     try:
-        report = run(args)
+        report = run_report(args)
     except (UsageError, EditDataError, ConfigError, ModelLoadError) as error:
-        print(f"bench.compare: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    print(markdown(report))
+    print(render(report))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_and_print("bench.compare", build_parser(), run, markdown, argv)
 
 
 if __name__ == "__main__":

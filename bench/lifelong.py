@@ -20,10 +20,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from bench.compare import METHODS, parse_counts, prepare_world, run_isolated, world_summary
+from bench.compare import METHODS, parse_counts, prepare_world, run_and_print, run_isolated, world_summary
 from bench.measure import Job
 from kdpo.cli import UsageError, _split_setting
-from kdpo.config import ConfigError, build_settings
+from kdpo.config import build_settings
 from kdpo.editing import SCHEDULE, make_config
 from kdpo.evaluation import PROTOCOL
 from kdpo.world import WorldConfig, build_world
@@ -234,14 +234,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (UsageError, ConfigError) as error:
-        print(f"bench.lifelong: error: {error}", file=sys.stderr)
-        return 2
-    print(markdown(report))
-    return 0
+    return run_and_print("bench.lifelong", build_parser(), run, markdown, argv)
 
 
 if __name__ == "__main__":

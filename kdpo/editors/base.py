@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpo.losses import answer_margin
-from kdpo.modeling import TeacherForcedBatch, chunks, encode_pairs, forward_logits
+from kdpo.modeling import TeacherForcedBatch, encode_pairs, forward_logits
 from kdpo.protection import NULL_SPACE_RULES, ProtectedSubspace
 from kdpo.requests import EditRequest
 

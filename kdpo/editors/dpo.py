@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from kdpo.editors.base import Editor, EditorConfig
 from kdpo.losses import answer_nll, dpo_loss, gather_logprobs
 from kdpo.modeling import encode_pairs, forward_logits

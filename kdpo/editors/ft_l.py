@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from kdpo.editors.base import Editor, EditorConfig
-from kdpo.modeling import IGNORE
 
 
 @dataclass

@@ -2,6 +2,7 @@
 import os
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # quiet the ephemeral API server's start/stop lines
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # Prefect's 20 s: short on busy CPUs
 import pytest
 
 from kdpo.world import WorldConfig, build_world

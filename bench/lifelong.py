@@ -71,7 +71,7 @@ def summarize_variant(runs: list[dict], counts: tuple[int, ...]) -> dict:
         figures = [headline(run["by_count"][position]) for run in runs]
         by_count[count] = {
             name: aggregate([f[name] for f in figures])
-            for name in (*HEADLINE, "immediate_edit_success", "seconds_per_edit")
+            for name in (*HEADLINE, "fluency_before", "immediate_edit_success", "seconds_per_edit")
         }
     by_count[counts[-1]]["multi_token_edit_success"] = aggregate([run["multi_token"]["edit_success"] for run in runs])
     return by_count

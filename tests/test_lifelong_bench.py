@@ -20,3 +20,14 @@ def test_lifelong_benchmark_writes_report_curves_and_bar(tiny_world, tmp_path):
     assert report["bar"] == []  # the bar is checked against protected KDPO, not run here
     assert Image.open(out / "curves.png").size[0] > 400
     assert "## Curve" in (out / "report.md").read_text()
+
+
+def test_bar_is_checked_on_protected_kdpo_at_the_last_count():
+    from bench.lifelong import bar_checks, summarize_variant
+
+    summary = {"final": {"edit_success": 0.97, "generalization": 0.5, "locality": 0.95, "fluency": 3.6},
+               "retention": 0.96, "fluency_before": 3.62, "immediate": {"edit_success": 1.0}, "seconds_per_edit": 0.2}
+    run = {"by_count": [summary], "multi_token": {"edits": 0, "edit_success": None}}
+    variants = {"kdpo/null-space": summarize_variant([run], (100,))}
+    met = {check["target"].split()[0]: check["met"] for check in bar_checks(variants, (100,))}
+    assert met == {"edit_success": True, "generalization": False, "locality": True, "retention": True, "fluency": True}

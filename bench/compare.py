@@ -104,12 +104,17 @@ def mean_of_four(summary: dict) -> float:
 
 
 def eval_curve(row: dict) -> dict:
-    """Seconds of the final evaluation at each edit count, per request, and a least-squares line."""
-    points = [(s["edits"], s["final_eval_seconds"]) for s in row["by_count"]]
-    curve = {"points": [{"edits": n, "seconds": t, "seconds_per_request": t / n} for n, t in points]}
-    if len(points) >= 2:
-        slope, intercept = statistics.linear_regression(*zip(*points))
-        curve |= {"slope_seconds_per_request": slope, "intercept_seconds": intercept}
+    """Wall and CPU seconds of the final evaluation at each edit count, per request, and least-squares lines
+    (``slope_seconds_per_request``, ``cpu_slope_seconds_per_request``, with their intercepts)."""
+    curve = {"points": [
+        {"edits": s["edits"], "seconds": s["final_eval_seconds"], "seconds_per_request": s["final_eval_seconds"] / s["edits"],
+         "cpu_seconds": s.get("final_eval_cpu_seconds")} for s in row["by_count"]
+    ]}
+    for prefix, key in (("", "seconds"), ("cpu_", "cpu_seconds")):
+        points = [(p["edits"], p[key]) for p in curve["points"]]
+        if len(points) >= 2 and all(t is not None for _, t in points):
+            slope, intercept = statistics.linear_regression(*zip(*points))
+            curve |= {f"{prefix}slope_seconds_per_request": slope, f"{prefix}intercept_seconds": intercept}
     return curve
 
 
@@ -188,15 +193,18 @@ def speed_tables(report: dict) -> list[str]:
           r["by_count"][-1]["steps_per_edit"], r["wall_seconds"], r["load_average"][0]] for r in methods],
     )
     curves = report["speed"]["eval_curves"]
-    curve_rows = [
-        [count, *(next(p for p in curves[r["method"]]["points"] if p["edits"] == count)["seconds"] for r in methods),
-         *(1000 * next(p for p in curves[r["method"]]["points"] if p["edits"] == count)["seconds_per_request"]
-           for r in methods)]
-        for count in report["counts"]
-    ]
-    curve = format_table(["edits", *(f"{r['method']} s" for r in methods), *(f"{r['method']} ms/req" for r in methods)],
-                         curve_rows)
-    fits = [f"- {method}: {c['slope_seconds_per_request'] * 1000:.2f} ms per request + {c['intercept_seconds']:.2f} s"
+    points = {r["method"]: {p["edits"]: p for p in curves[r["method"]]["points"]} for r in methods}
+    names = [r["method"] for r in methods]
+    curve = format_table(
+        ["edits", *(f"{m} s" for m in names), *(f"{m} CPU s" for m in names), *(f"{m} CPU ms/req" for m in names)],
+        [[count, *(points[m][count]["seconds"] for m in names), *(points[m][count]["cpu_seconds"] for m in names),
+          *(None if points[m][count]["cpu_seconds"] is None else 1000 * points[m][count]["cpu_seconds"] / count
+            for m in names)]
+         for count in report["counts"]],
+    )
+    fits = [f"- {method}: wall {c['slope_seconds_per_request'] * 1000:.2f} ms per request + {c['intercept_seconds']:.2f} s"
+            + (f"; CPU {c['cpu_slope_seconds_per_request'] * 1000:.2f} ms per request + {c['cpu_intercept_seconds']:.2f} s"
+               if "cpu_slope_seconds_per_request" in c else "")
             for method, c in curves.items() if "slope_seconds_per_request" in c]
     return [per_edit, curve, "\n".join(fits)]
 

@@ -155,7 +155,7 @@ def measure_method(job: Job) -> dict:
     baseline = probe(model, tokenizer, requests, job.fluency_tokens)
     trace.end_phase("load_and_probe")
     trace.mark("before_editing")
-    checkpoints: dict[int, tuple[list, float]] = {}
+    checkpoints: dict[int, tuple[list, float, float]] = {}  # count -> final scores, wall and CPU seconds
     last_edit = [0.0]
     cpu = {"since": 0.0, "edits_after_first": 0.0}  # CPU seconds, all threads: insensitive to other processes
 
@@ -166,22 +166,23 @@ def measure_method(job: Job) -> dict:
         if count == counts[0]:
             trace.end_phase("first_edits")  # the editor's setup and edits 1..counts[0], before any evaluation
         if count in counts[:-1]:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             final = evaluate(model, tokenizer, requests[:count], baseline.locality_predictions[:count], job.fluency_tokens)
-            checkpoints[count] = (final, time.perf_counter() - started)
+            checkpoints[count] = (final, time.perf_counter() - started, time.process_time() - cpu_started)
         last_edit[0], cpu["since"] = time.perf_counter(), time.process_time()
 
     started = time.perf_counter()
     result = run_sequential(model, tokenizer, requests, job.method, config, model_corpus(job.world), baseline,
                             job.fluency_tokens, progress=job.progress, on_edit=on_edit)
-    checkpoints[counts[-1]] = (result.final, time.perf_counter() - last_edit[0])  # run_sequential's own final
+    checkpoints[counts[-1]] = (  # run_sequential's own final evaluation
+        result.final, time.perf_counter() - last_edit[0], time.process_time() - cpu["since"])
     wall = time.perf_counter() - started
     trace.end_phase("rest")
     if job.out:
         result.write_json(Path(job.out) / f"{job.method}.json")
     by_count = [  # one summary per edit count, ascending; each has "edits": its count
-        prefix_summary(result, count, final) | {"final_eval_seconds": seconds}
-        for count, (final, seconds) in sorted(checkpoints.items())
+        prefix_summary(result, count, final) | {"final_eval_seconds": seconds, "final_eval_cpu_seconds": cpu_seconds}
+        for count, (final, seconds, cpu_seconds) in sorted(checkpoints.items())
     ]
     return {
         "method": job.method,

@@ -214,9 +214,9 @@ def memory_table(report: dict) -> str:
     first = report["counts"][0]
     columns = {"model_mb": "model", "trained_delta_mb": "deltas", "budget_mb": "budget",
                "rss_before_load_mb": "RSS before load", "peak_load_and_probe_mb": "peak load+probe",
-               "rss_before_editing_mb": "RSS before editing", "peak_first_edits_mb": f"peak edits 1-{first}",
-               "peak_rest_mb": "peak rest", "peak_over_baseline_mb": "peak - before load", "ratio": "ratio",
-               "first_edits_over_start_mb": f"edits 1-{first} - before editing"}
+               "peak_setup_mb": "peak setup+edit 1", "peak_edits_mb": f"peak edits 2-{first}", "peak_rest_mb": "peak rest",
+               "peak_over_baseline_mb": "peak - before load", "ratio": "ratio",
+               "setup_over_start_mb": "setup+edit 1 - RSS before", "edits_over_start_mb": f"edits 2-{first} - RSS before"}
     if cuda:
         columns |= {"cuda_peak_allocated_mb": "CUDA peak", "cuda_ratio": "CUDA ratio"}
     return format_table(["method", *columns.values()],
@@ -265,8 +265,10 @@ def markdown(report: dict) -> str:
               "Final-evaluation cost at each edit count (all N requests scored once, with fluency):", "",
               "```", curve, "```", "", "Least-squares line through the final-evaluation times:", "", fits, "",
               "## Memory", "", f"MB. peak = {PEAK_FORMULA}; budget = {BUDGET_FORMULA}; ratio = peak / budget. "
-              "'peak edits' covers the editor's setup (protection) and the first edits, before any evaluation; "
-              "a second copy of the model would add at least 'model' to it.", "",
+              "Phases: loading and the baseline probe; the editor's setup (protection keys from the corpus) with the "
+              f"first edit; edits 2-{report['counts'][0]} with their immediate evaluations; the rest. The last two "
+              "columns are what a phase's peak adds to the RSS at its start: a second copy of the model for the "
+              "reference would add at least 'model'.", "",
               "```", memory_table(report), "```", ""]
     if report["targets"]:
         lines += ["## Targets (KDPO, largest edit count)", "", "```",

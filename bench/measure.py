@@ -106,8 +106,9 @@ class MemoryTrace:
 
 
 def memory_report(trace: MemoryTrace, model: torch.nn.Module, modules: tuple[str, ...]) -> dict:
-    """Peak memory of this process over the run against model + training-state bytes (``BUDGET_FORMULA``),
-    and what the first edits added to the RSS at the start of editing (a second model would add model_mb)."""
+    """Peak memory of this process over the run against model + training-state bytes (``BUDGET_FORMULA``);
+    what the editor's setup and first edit added to the RSS before editing, and what the following edits
+    added to the RSS after that (a second copy of the model would add model_mb)."""
     budget = parameter_bytes(model) + 4 * trained_delta_bytes(model, modules)
     report = {"model_mb": parameter_bytes(model) / MB, "trained_delta_mb": trained_delta_bytes(model, modules) / MB,
               "budget_mb": budget / MB}
@@ -116,7 +117,9 @@ def memory_report(trace: MemoryTrace, model: torch.nn.Module, modules: tuple[str
         report |= {f"rss_{name}_mb": value / MB for name, value in trace.rss.items()}
         report |= {f"peak_{name}_mb": value / MB for name, value in trace.peaks.items()}
         report |= {"peak_rss_mb": peak / MB, "peak_over_baseline_mb": (peak - before) / MB, "ratio": (peak - before) / budget,
-                   "first_edits_over_start_mb": (trace.peaks["first_edits"] - trace.rss["before_editing"]) / MB}
+                   "setup_over_start_mb": (trace.peaks["setup"] - trace.rss["before_editing"]) / MB}
+        if "edits" in trace.peaks:
+            report["edits_over_start_mb"] = (trace.peaks["edits"] - trace.rss["after_setup"]) / MB
     if next(model.parameters()).device.type == "cuda":
         allocated = torch.cuda.max_memory_allocated()
         report |= {"cuda_peak_allocated_mb": allocated / MB, "cuda_ratio": allocated / budget}
@@ -163,8 +166,11 @@ def measure_method(job: Job) -> dict:
         count = record.index + 1
         if count > 1:  # the first edit's CPU time also holds the editor's setup (protection)
             cpu["edits_after_first"] += time.process_time() - cpu["since"]
-        if count == counts[0]:
-            trace.end_phase("first_edits")  # the editor's setup and edits 1..counts[0], before any evaluation
+        if count == 1:
+            trace.end_phase("setup")  # the editor's setup (protection) and the first edit
+            trace.mark("after_setup")
+        elif count == counts[0]:
+            trace.end_phase("edits")  # edits 2..counts[0] with their immediate evaluations, before any other
         if count in counts[:-1]:
             started, cpu_started = time.perf_counter(), time.process_time()
             final = evaluate(model, tokenizer, requests[:count], baseline.locality_predictions[:count], job.fluency_tokens)

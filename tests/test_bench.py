@@ -32,8 +32,9 @@ def test_report_holds_every_method_at_every_edit_count(bench_run):
             assert 0.0 <= summary["final"]["edit_success"] <= 1.0 and summary["immediate"]["edit_success"] > 0.5
             assert summary["seconds_per_edit"] > 0 and summary["final_eval_seconds"] > 0
         memory = row["memory"]
-        peaks = [memory[f"peak_{phase}_mb"] for phase in ("load_and_probe", "first_edits", "rest")]
+        peaks = [memory[f"peak_{phase}_mb"] for phase in ("load_and_probe", "setup", "edits", "rest")]
         assert memory["peak_rss_mb"] == max(peaks) and min(peaks) >= memory["rss_before_load_mb"] > 0
+        assert memory["edits_over_start_mb"] >= 0 and memory["setup_over_start_mb"] >= 0
         assert memory["ratio"] == pytest.approx(memory["peak_over_baseline_mb"] / memory["budget_mb"])
         assert len(json.loads((out / f"{row['method']}.json").read_text())["records"]) == 5
     per_edit = {row["method"]: row["by_count"][-1]["seconds_per_edit"] for row in report["rows"]}

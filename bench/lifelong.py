@@ -6,22 +6,26 @@ on several world seeds, with the headline metrics at 100, 250, 500 and 1,000 edi
     python -m bench.lifelong --edits-file ../shared/data/counterfact-edit-2k.json --seeds 0 --edits 100,250,500,1000
     python -m bench.lifelong --edits-file ../shared/data/zsre_mend-500.json --seeds 0 --edits 100,250,500
 
-Each (seed, method, protection) runs in a process of its own (``bench.measure``): one run of max(N) edits,
-every first-N prefix scored right after edit N. Writes ``bench/results/lifelong-NAME/report.{md,json}`` and
+Each (seed, method, protection) runs in a process of its own (``bench.measure``; ``--jobs`` at a time): one
+run of max(N) edits, every first-N prefix scored right after edit N. A finished run's summary is kept next to its
+result, so re-running the same command resumes an interrupted benchmark. Writes ``bench/results/lifelong-NAME/report.{md,json}`` and
 ``curves.png``; the bar of the lifelong issue is checked against KDPO with default settings.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from bench.compare import METHODS, parse_counts, prepare_world, run_and_print, run_isolated, world_summary
-from bench.measure import Job
+from bench.compare import METHODS, parse_counts, prepare_world, run_and_print, world_summary
+from bench.measure import Job, measure_method, source_digest
 from kdpo.cli import UsageError, _split_setting
 from kdpo.config import build_settings
 from kdpo.editing import SCHEDULE, make_config
@@ -91,6 +95,37 @@ def bar_checks(variants: dict, counts: tuple[int, ...]) -> list[dict]:
         checks.append({"target": f"fluency within {FLUENCY_TOLERANCE:.0%} of the pre-edit model",
                        "measured": change, "met": change <= FLUENCY_TOLERANCE})
     return checks
+
+
+def run_jobs(jobs: list[Job], parallel: int, quiet: bool) -> list[dict]:
+    """Every job in a spawned process of its own, ``parallel`` at a time; a job whose summary is already on
+    disk for the same world, method, settings and counts is reused, so an interrupted benchmark resumes."""
+    results: list[dict | None] = [None] * len(jobs)
+    pending = []
+    for index, job in enumerate(jobs):
+        saved = Path(job.out) / f"{job.method}.summary.json"
+        if saved.exists() and json.loads(saved.read_text()).get("job") == job_identity(job):
+            results[index] = json.loads(saved.read_text())["result"]
+        else:
+            pending.append(index)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max(1, parallel), mp_context=context) as pool:
+        futures = {pool.submit(measure_method, jobs[index]): index for index in pending}
+        for future in concurrent.futures.as_completed(futures):
+            index, job = futures[future], jobs[futures[future]]
+            results[index] = future.result()
+            (Path(job.out) / f"{job.method}.summary.json").write_text(
+                json.dumps({"job": job_identity(job), "result": results[index]}))
+            if not quiet:
+                print(f"{job.out} {job.method}: {json.dumps(headline(results[index]['by_count'][-1]))}")
+    return results
+
+
+def job_identity(job: Job) -> dict:
+    """What makes two runs the same: the world's key, the method, its settings and the edit counts."""
+    world_info = json.loads((Path(job.world) / "world.json").read_text())
+    return {"world": world_info.get("key"), "method": job.method, "overrides": job.overrides,
+            "counts": list(job.counts), "device": job.device, "dtype": job.dtype, "source": source_digest()}
 
 
 def plot_curves(variants: dict, counts: tuple[int, ...], path: Path) -> None:
@@ -174,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--name", help="report name (default: the edit file's stem, or default-world)")
     parser.add_argument("--out", help="report folder (default: bench/results/lifelong-NAME)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process with cores/JOBS torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -191,8 +228,7 @@ def run(args: argparse.Namespace) -> dict:
     name = args.name or next(Path(p).stem for p in (args.edits_file, args.world, "default-world") if p)
     out = Path(args.out or Path("bench/results") / f"lifelong-{name}")
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {}
-    worlds = []
+    worlds, jobs = [], []
     for seed in seeds:
         if args.world:
             world = prepare_world(args)
@@ -202,20 +238,24 @@ def run(args: argparse.Namespace) -> dict:
             world = build_world(config, from_file=args.edits_file, progress=not args.quiet)
         if world.info["edits"] < counts[-1]:
             raise UsageError(f"{counts[-1]} edits asked, but the world (seed {seed}) has {world.info['edits']} requests")
-        fluency_before = None
-        tokenizer = AutoTokenizer.from_pretrained(world.path)
+        worlds.append((seed, world))
         for method in methods:
             for protection in protections:
                 job_out = out / f"seed{seed}-{protection}"
                 job_out.mkdir(exist_ok=True)
-                result = run_isolated(Job(str(world.path), method, counts, overrides | {"protection": protection},
-                                          args.device, out=str(job_out), progress=not args.quiet))
-                result["multi_token"] = multi_token_success(job_out / f"{method}.json", tokenizer)
-                runs.setdefault(f"{method}/{protection}", []).append(result)
-                fluency_before = result["by_count"][0]["fluency_before"]
-                if not args.quiet:
-                    print(f"seed {seed} {method}/{protection}: {json.dumps(headline(result['by_count'][-1]))}")
-        worlds.append(world_summary(world) | {"seed": seed, "fluency_before": fluency_before})
+                jobs.append((seed, f"{method}/{protection}", Job(
+                    str(world.path), method, counts, overrides | {"protection": protection}, args.device,
+                    out=str(job_out), progress=not args.quiet and args.jobs == 1,
+                    threads=max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0)))
+    results = run_jobs([job for _, _, job in jobs], args.jobs, args.quiet)
+    runs: dict[str, list[dict]] = {}
+    fluency_before = {}
+    for (seed, variant, job), result in zip(jobs, results):
+        result["multi_token"] = multi_token_success(Path(job.out) / f"{job.method}.json",
+                                                    AutoTokenizer.from_pretrained(job.world))
+        runs.setdefault(variant, []).append(result)
+        fluency_before[seed] = result["by_count"][0]["fluency_before"]
+    worlds = [world_summary(world) | {"seed": seed, "fluency_before": fluency_before[seed]} for seed, world in worlds]
     variants = {name: summarize_variant(variant_runs, counts) for name, variant_runs in runs.items()}
     report = {
         "name": name, "edits_file": args.edits_file, "counts": list(counts), "seeds": [w["seed"] for w in worlds],

@@ -48,6 +48,7 @@ class Job:
     fluency_tokens: int = 24
     out: str | None = None  # write the full result (per-edit records) here as <method>.json
     progress: bool = False
+    threads: int = 0  # torch threads of the run's process (0: torch's default)
 
 
 def source_digest() -> str:
@@ -144,6 +145,8 @@ def prefix_summary(result: SequentialResult, count: int, final: list) -> dict:
 def measure_method(job: Job) -> dict:
     """Run ``job.method`` for max(counts) sequential edits; quality at every count, time and peak memory."""
     counts = tuple(sorted(set(job.counts)))
+    if job.threads:
+        torch.set_num_threads(job.threads)
     source = source_digest()
     trace = MemoryTrace()
     trace.mark("before_load")

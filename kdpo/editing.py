@@ -203,10 +203,12 @@ def run_sequential(
 
 def protection_report(editor: Editor, protected_at_start: list[int]) -> list[dict]:
     """Per edited module: its key dimension, how many directions were protected before the first edit and
-    after the last, and the eigen-spectrum of K0^T K0 (descending) the null space was chosen from."""
+    after the last, the rank of the soft memory of committed edits' keys (``edit_keys: soft``), and the
+    eigen-spectrum of K0^T K0 (descending) the null space was chosen from."""
     return [
         {"module": name, "dim": subspace.dim, "protected_at_start": start, "protected_at_end": subspace.rank,
          "free_at_end": subspace.dim - subspace.rank,
+         "soft_memory_rank": 0 if subspace.key_gram is None else int(torch.linalg.matrix_rank(subspace.key_gram)),
          "spectrum": [] if subspace.spectrum is None else [float(v) for v in subspace.spectrum]}
         for name, subspace, start in zip(editor.config.modules, editor.protected or [], protected_at_start)
     ]

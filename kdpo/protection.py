@@ -21,6 +21,7 @@ class ProtectedSubspace:
 
     basis: torch.Tensor
     spectrum: torch.Tensor | None = None  # eigenvalues of K0^T K0, descending, for reports
+    key_gram: torch.Tensor | None = None  # weighted projected Gram of committed edits' keys (soft protection)
 
     @classmethod
     def from_key_covariance(
@@ -65,6 +66,13 @@ class ProtectedSubspace:
         """``rows @ P`` with P = I - Q Q^T, without forming P: components in the protected span removed."""
         basis = self.basis.to(rows.dtype)
         return rows - (rows @ basis) @ basis.T
+
+    def add_soft_keys(self, keys: torch.Tensor, weight: float = 1.0) -> None:
+        """Remember keys [n, dim] softly: add their projected Gram matrix, which later changes are fitted
+        against (least interference), instead of barring their span."""
+        projected = self.project(keys.float().to(self.basis.device))
+        gram = weight * projected.T @ projected
+        self.key_gram = gram if self.key_gram is None else self.key_gram + gram
 
     def add_keys(self, keys: torch.Tensor, tolerance: float = 0.05) -> int:
         """Add the directions of ``keys`` [n, dim] not yet protected (relative residual > tolerance).

@@ -114,7 +114,7 @@ def apply_edits(
         if corpus is not None:  # the new facts join the corpus, so later refreshes protect them too
             with open(edited / "corpus.txt", "a") as handle:
                 handle.writelines(
-                    f"{prompt} {r.target_new}\n" for r in requests for prompt in (r.prompt, *r.rephrase_prompts)
+                    f"{prompt} {r.target_new}.\n" for r in requests for prompt in (r.prompt, *r.rephrase_prompts)
                 )
         result.write_json(Path(work_dir) / "result.json")
         mlflow.log_artifact(str(Path(work_dir) / "result.json"), "edit")

@@ -6,11 +6,11 @@ from PIL import Image
 from bench.lifelong import main
 
 
-def test_lifelong_benchmark_writes_report_curves_and_bar(tiny_world, tmp_path):
+def test_lifelong_benchmark_writes_report_curves_and_bar(tiny_world, tmp_path, monkeypatch):
     out = tmp_path / "lifelong"
-    code = main(["--world", str(tiny_world.path), "--edits", "2,4", "--methods", "ft-m",
-                 "--protections", "null-space,none", "--out", str(out), "--quiet", "--set", "max_steps=30"])
-    assert code == 0
+    arguments = ["--world", str(tiny_world.path), "--edits", "2,4", "--methods", "ft-m", "--protections",
+                 "null-space,none", "--out", str(out), "--quiet", "--set", "max_steps=30", "--jobs", "2"]
+    assert main(arguments) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["variants"]) == {"ft-m/null-space", "ft-m/none"}
     last = report["variants"]["ft-m/null-space"]["4"]
@@ -20,6 +20,12 @@ def test_lifelong_benchmark_writes_report_curves_and_bar(tiny_world, tmp_path):
     assert report["bar"] == []  # the bar is checked against protected KDPO, not run here
     assert Image.open(out / "curves.png").size[0] > 400
     assert "## Curve" in (out / "report.md").read_text()
+
+    import bench.lifelong  # the same command again resumes: every finished run is reused, none is redone
+
+    monkeypatch.setattr(bench.lifelong, "measure_method", lambda job: (_ for _ in ()).throw(AssertionError(job)))
+    assert main(arguments) == 0
+    assert json.loads((out / "report.json").read_text())["variants"] == report["variants"]
 
 
 def test_bar_is_checked_on_protected_kdpo_at_the_last_count():

@@ -5,7 +5,7 @@ import torch
 
 from kdpo.config import ConfigError
 from kdpo.editing import build_editor, make_config, run_sequential
-from kdpo.editors.base import capture_inputs
+from kdpo.editors.base import capture_inputs, restrict_to_keys
 from kdpo.keystats import key_covariances, keystats_root, read_corpus
 from kdpo.modeling import encode_pairs
 from kdpo.protection import ProtectedSubspace
@@ -65,7 +65,7 @@ def test_key_statistics_are_cached_and_invalidated_by_new_weights(tiny_world, ti
 def test_committed_edit_protects_its_prompt_and_rephrases(tiny_world, tiny_model, tiny_requests):
     model, tokenizer = tiny_model
     request = next(r for r in tiny_requests if r.rephrase_prompts)
-    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides={"max_steps": "100"}),
+    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides={"max_steps": "100", "edit_keys": "hard"}),
                           tiny_world.corpus())
     editor.edit(request)
     prompts = [request.prompt, *request.rephrase_prompts]
@@ -77,6 +77,54 @@ def test_committed_edit_protects_its_prompt_and_rephrases(tiny_world, tiny_model
         assert len(keys) >= len(prompts)
         residual = keys - keys @ subspace.basis @ subspace.basis.T
         assert (residual.norm(dim=1) <= 0.05 * keys.norm(dim=1) + 1e-4).all()
+
+
+def test_soft_edit_keys_remember_every_prompt_and_keep_the_barred_span(tiny_world, tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    request = next(r for r in tiny_requests if r.rephrase_prompts)
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo"), tiny_world.corpus())
+    ranks = [subspace.rank for subspace in editor.protected]
+    assert editor.edit(request).reached
+    prompts = [request.prompt, *request.rephrase_prompts]
+    batch = encode_pairs(tokenizer, [(p, request.target_new) for p in prompts])
+    with torch.no_grad(), capture_inputs(editor.modules) as captured:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for subspace, store, rank in zip(editor.protected, captured, ranks):
+        assert subspace.rank == rank  # soft memory: nothing is barred
+        projected = subspace.project(store[0][batch.answer_mask])
+        remembered = torch.einsum("ni,ij,nj->n", projected, subspace.key_gram, projected)
+        assert (remembered >= 0.99 * projected.norm(dim=1) ** 4).all()
+
+
+def test_restricting_a_change_to_its_keys_keeps_their_outputs_and_shrinks_it():
+    generator = torch.Generator().manual_seed(0)
+    keys, delta = torch.randn(5, 64, generator=generator), torch.randn(64, 8, generator=generator)
+    restricted = restrict_to_keys(delta, keys)
+    assert torch.allclose(keys @ restricted, keys @ delta, atol=1e-4)
+    assert restricted.norm() < 0.5 * delta.norm()
+    other = torch.randn(64, generator=generator)
+    other -= keys.T @ torch.linalg.lstsq(keys.T, other).solution  # orthogonal to every key
+    assert (other @ restricted).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["kdpo", "ft-m"])
+def test_minimal_change_commits_a_smaller_change_with_the_same_edit(tiny_world, tiny_model, tiny_requests, method):
+    model, tokenizer = tiny_model
+    request = tiny_requests[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    outcomes, answers = {}, {}
+    for minimal in ("false", "true"):
+        model.load_state_dict(state)
+        config = make_config(method, overrides={"minimal_change": minimal, "edit_keys": "hard"})
+        editor = build_editor(model, tokenizer, method, config, tiny_world.corpus())
+        outcomes[minimal] = editor.edit(request)
+        batch = encode_pairs(tokenizer, [(request.prompt, request.target_new)])
+        with torch.no_grad():
+            answers[minimal] = model(input_ids=batch.input_ids).logits[batch.labels != -100].argmax(-1)
+    model.load_state_dict(state)
+    assert outcomes["true"].reached and outcomes["false"].reached
+    assert torch.equal(answers["true"], answers["false"])
+    assert outcomes["true"].delta_norm < 0.95 * outcomes["false"].delta_norm
 
 
 def test_weight_drift_is_recorded_per_edit(tiny_world, tiny_model, tiny_requests):
@@ -98,6 +146,8 @@ def test_weight_drift_is_recorded_per_edit(tiny_world, tiny_model, tiny_requests
         ({"null_space_rule": "median"}, "null_space_rule must be one of"),
         ({"null_space_threshold": "0"}, "null_space_threshold"),
         ({"delta_penalty": "-1"}, "delta_penalty"),
+        ({"edit_keys": "firm"}, "edit_keys must be one of"),
+        ({"minimal_change": "false"}, "needs minimal_change"),
     ],
 )
 def test_bad_protection_settings_are_clear_errors(overrides, message):

@@ -44,7 +44,9 @@ def test_tiny_world_is_a_loadable_hf_model_that_knows_facts(tiny_world):
     assert model.config.model_type == "llama" and tokenizer.pad_token == "<pad>"
     assert tiny_world.info["recall"]["main"] >= 0.9 and tiny_world.info["recall"]["paraphrase"] >= 0.9
     assert len(load_requests(tiny_world.edits_path).requests) == tiny_world.info["edits"]
-    assert len(tiny_world.corpus()) == sum(tiny_world.info["facts"].values())
+    corpus = "\n".join(tiny_world.corpus())
+    assert corpus.count(".") >= sum(tiny_world.info["facts"].values())  # every fact, in its training form
+    assert all(f"{r.prompt} {r.ground_truth}." in corpus for r in load_requests(tiny_world.edits_path).requests)
 
 
 def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from kdpo.requests import EditRequest
 
 PROTECTIONS = ("none", "null-space")
 OPTIMIZERS = ("adam", "sgd")
+EDIT_KEY_MODES = ("soft", "hard")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class EditorConfig:
     null_space_threshold: float = 1e-3  # energy rule: protect the directions holding 99.9% of K0's energy
     null_space_rule: str = "energy"  # or "relative": eigenvalue >= threshold x the largest
     protect_edit_keys: bool = True
+    edit_keys: str = "soft"  # how committed edits' keys are kept: "soft" (least squares) or "hard" (barred span)
+    edit_key_weight: float = 1.0  # soft: weight of a past edit's key against the new edit's own keys
+    commit_ridge: float = 1e-2  # soft: ridge of the least-squares fit of the committed change
+    minimal_change: bool = True  # commit only the part of the change the edit's own sequence uses
     delta_penalty: float = 0.0  # weight of sum ||D||^2 in the loss: the smallest change that makes the edit
 
     def validate(self) -> None:
@@ -48,6 +53,12 @@ class EditorConfig:
             raise ValueError(f"null_space_rule must be one of {NULL_SPACE_RULES}, got {self.null_space_rule!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.edit_keys not in EDIT_KEY_MODES:
+            raise ValueError(f"edit_keys must be one of {EDIT_KEY_MODES}, got {self.edit_keys!r}")
+        if self.edit_keys == "soft" and not self.minimal_change:
+            raise ValueError("edit_keys 'soft' works through the fitted commit, so it needs minimal_change true")
+        if self.edit_key_weight <= 0 or self.commit_ridge <= 0:
+            raise ValueError("edit_key_weight and commit_ridge must be > 0")
         if self.delta_penalty < 0:
             raise ValueError(f"delta_penalty must be >= 0, got {self.delta_penalty}")
         if self.lr <= 0 or self.max_steps < 1:
@@ -86,6 +97,17 @@ def input_output_dims(module: torch.nn.Module) -> tuple[int, int]:
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     return module.weight.shape[0], module.weight.shape[1]  # GPT-2's Conv1D stores (in, out)
+
+
+def restrict_to_keys(delta: torch.Tensor, keys: torch.Tensor, rank_tolerance: float = 1e-6) -> torch.Tensor:
+    """The smallest change with the same effect on ``keys`` [n, in]: ``delta`` [in, out] projected onto the
+    span of the keys (``k @ result == k @ delta`` for every key row ``k``). A trained change also moves
+    directions the edit never uses; only the other inputs of the model see those, so committing them can
+    only hurt."""
+    keys = keys.float()
+    left, singular, _ = torch.linalg.svd(keys.T, full_matrices=False)  # left: [in, n]
+    basis = left[:, singular > rank_tolerance * singular.max().clamp_min(1e-30)]
+    return basis @ (basis.T @ delta)
 
 
 @contextmanager
@@ -184,13 +206,30 @@ class Editor(ABC):
             else:
                 with torch.no_grad():
                     reached = self.reached(forward_logits(self.model, batch), batch)
+            if self.config.minimal_change:
+                with torch.no_grad(), capture_inputs(self.modules) as captured:
+                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                key_rows = [store[0][batch.attention_mask.bool()] for store in captured]
         finally:
             for handle in handles:
                 handle.remove()
+        if self.config.minimal_change:
+            with torch.no_grad():
+                deltas = [
+                    self._fit_change(delta, keys if projector is None else projector.project(keys.float()), projector)
+                    for delta, keys, projector in zip(deltas, key_rows, projectors)
+                ]
         delta_norm = self._commit(deltas, projectors)
         if self.protected and self.config.protect_edit_keys:
             self._protect_request_keys(request)
+        if self._soft:  # the fitted change may fall short of the trained one
+            with torch.no_grad():
+                reached = self.reached(forward_logits(self.model, batch), batch)
         return EditOutcome(len(losses), time.perf_counter() - started, losses, reached, delta_norm, self.drift())
+
+    @property
+    def _soft(self) -> bool:
+        return bool(self.protected) and self.config.protect_edit_keys and self.config.edit_keys == "soft"
 
     @torch.no_grad()
     def drift(self) -> dict[str, float]:
@@ -210,6 +249,21 @@ class Editor(ABC):
 
         return hook
 
+    def _fit_change(self, delta: torch.Tensor, keys: torch.Tensor, projector: ProtectedSubspace | None) -> torch.Tensor:
+        """The change to commit, given the trained ``delta`` [in, out] and the edit's own (projected) keys.
+
+        Hard or no edit-key protection: the smallest change with the same effect on the edit's keys.
+        Soft: the least-squares change X that keeps the trained effect on the edit's keys K and disturbs
+        committed edits' keys (Gram G, see :meth:`ProtectedSubspace.add_soft_keys`) least:
+        min ||K X - K delta||^2 + tr(X^T G X) + ridge ||X||^2, i.e. X = (K^T K + G + ridge I)^-1 K^T K delta.
+        """
+        if not self._soft or projector is None or projector.key_gram is None:
+            return restrict_to_keys(delta, keys)
+        keys = keys.float()
+        system = keys.T @ keys + projector.key_gram
+        system += self.config.commit_ridge * torch.eye(len(system), device=system.device)
+        return torch.linalg.solve(system, keys.T @ (keys @ delta))
+
     @torch.no_grad()
     def _commit(self, deltas: list[torch.Tensor], projectors: list[ProtectedSubspace | None]) -> float:
         total = 0.0
@@ -223,12 +277,15 @@ class Editor(ABC):
 
     @torch.no_grad()
     def _protect_request_keys(self, request: EditRequest) -> None:
-        """Add the committed edit's keys (its prompt and every rephrase, at every target position) to the
-        protected subspaces, so later edits leave this one alone."""
+        """Remember the committed edit's keys (its prompt and every rephrase, at every target position), so
+        later edits leave this one alone: barred from their span (hard) or fitted around them (soft)."""
         prompts = [request.prompt, *request.rephrase_prompts]
         batch = encode_pairs(self.tokenizer, [(prompt, request.target_new) for prompt in prompts], self.device)
         with capture_inputs(self.modules) as captured:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         mask = batch.answer_mask
         for subspace, store in zip(self.protected, captured):
-            subspace.add_keys(store[0][mask])
+            if self._soft:
+                subspace.add_soft_keys(store[0][mask], self.config.edit_key_weight)
+            else:
+                subspace.add_keys(store[0][mask])

@@ -32,7 +32,7 @@ from kdpo.loaders import load_requests, write_jsonl
 from kdpo.requests import EditRequest, PromptAnswer
 
 DATA = Path(__file__).parent / "data"
-WORLD_FORMAT = 1  # bump when the build changes what a world directory holds
+WORLD_FORMAT = 2  # bump when the build changes what a world directory holds
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -41,18 +41,18 @@ class WorldConfig:
     """How a world is built. Every field is part of the cache key."""
 
     seed: int = 0
-    max_facts: int = 1000  # learn a seeded sample of this many facts of the table (0: all)
+    max_facts: int = 1700  # learn a seeded sample of this many facts of the table (0: all)
     hidden_size: int = 128
     intermediate_size: int = 1024
     layers: int = 4
     heads: int = 4
-    max_epochs: int = 30
-    check_every: int = 5
-    lr: float = 3e-3
+    max_epochs: int = 24
+    check_every: int = 3
+    lr: float = 5e-3
     weight_decay: float = 0.01
-    batch_size: int = 8
+    batch_size: int = 32
     recall_target: float = 0.99
-    edit_pool_fraction: float = 0.45
+    edit_pool_fraction: float = 0.6
     neighbours: int = 2
     facts_per_sequence: int = 3
     text_weight: float = 0.2
@@ -269,14 +269,29 @@ def train_world(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if epoch % config.check_every == 0 or epoch == config.max_epochs:
             model.eval()
-            recall = _recall(model, tokenizer, training)
-            checks.append({"epoch": epoch, "loss": round(loss.item(), 4), **recall})
+            checked = random.Random(epoch).sample(training, min(len(training), 512))
+            recall = _recall(model, tokenizer, checked)  # a cheap look first: a full check costs about an epoch
+            if min(recall.values()) >= config.recall_target or epoch == config.max_epochs:
+                checked = training
+                recall = _recall(model, tokenizer, training)
+            checks.append({"epoch": epoch, "loss": round(loss.item(), 4), "facts_checked": len(checked), **recall})
             if min(recall.values()) >= config.recall_target:
                 break
     model.eval()
     if held_out:
         recall |= {f"held_out_{kind}": value for kind, value in _recall(model, tokenizer, held_out).items()}
     return model, tokenizer, texts, {"epochs": epoch, "recall": recall, "checks": checks}
+
+
+def corpus_lines(training: list[TrainingFact], config: WorldConfig) -> list[str]:
+    """The world's text as it was trained: every fact once, ``facts_per_sequence`` to a line, in a seeded
+    order, each closed by a period. Protection's key statistics come from these lines, so they cover the
+    positions between facts (what the model generates after an answer), not only isolated prompts."""
+    order = list(range(len(training)))
+    random.Random(config.seed).shuffle(order)
+    facts = [f"{training[i].prompt} {training[i].answer}." for i in order]
+    step = config.facts_per_sequence
+    return [" ".join(facts[start : start + step]) for start in range(0, len(facts), step)]
 
 
 def world_key(source_files: list[Path], config: WorldConfig) -> str:
@@ -320,7 +335,7 @@ def build_world(
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    (staging / "corpus.txt").write_text("\n".join(texts) + "\n")
+    (staging / "corpus.txt").write_text("\n".join(corpus_lines(training, config)) + "\n")
     write_jsonl(edits, staging / "edits.jsonl")
     (staging / "world.json").write_text(json.dumps(info, indent=2))
     if target.exists():

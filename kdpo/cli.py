@@ -80,13 +80,14 @@ def _load_edits(args, path: Path):
 
 def format_table(headers: list[str], rows: list[list]) -> str:
     """A plain aligned text table; floats with 3 decimals, None as '-'."""
-    cells = [[_cell(v) for v in row] for row in rows]
+    cells = [[format_cell(v) for v in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = lambda values: "  ".join(str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
     return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
 
 
-def _cell(value) -> str:
+def format_cell(value) -> str:
+    """A table cell: floats to 3 decimals, None as "-"."""
     if value is None:
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -173,11 +174,12 @@ def cmd_edit(args) -> int:
         return 0
     print(f"model: {model_path}\nedits: {edits_path} ({len(requests)} sequential, method {args.method})")
     print(summary_table([result.summary()]))
-    print(f"fluency before editing: {_cell(result.summary()['fluency_before'])}")
+    print(f"fluency before editing: {format_cell(result.summary()['fluency_before'])}")
     print(f"schedule: {result.schedule}")
     for module in result.protection:
         print(f"null space of {module['module']}: {module['dim'] - module['protected_at_start']} of {module['dim']} "
-              f"key directions free before editing, {module['free_at_end']} after")
+              f"key directions free before editing, {module['free_at_end']} after; committed edits' keys "
+              f"kept softly in {module['soft_memory_rank']} directions")
     if args.save:
         print(f"edited model saved to {args.save}")
     return 0

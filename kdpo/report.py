@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from kdpo.cli import HEADLINE, _cell
+from kdpo.cli import HEADLINE, format_cell
 from kdpo.evaluation import RequestScores, first_sentence, summarize
 
 DPI = 100
@@ -216,7 +216,7 @@ def html_table(headers: list[str], rows: list[list], table_id: str, classes: lis
             css = " ".join(filter(None, ["num" if isinstance(value, (int, float)) else "",
                                          classes[i][j] if classes else ""]))
             attribute = f' class="{css}"' if css else ""
-            cells.append(f"<td{attribute}>{html.escape(_cell(value))}</td>")
+            cells.append(f"<td{attribute}>{html.escape(format_cell(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 

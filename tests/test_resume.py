@@ -50,6 +50,7 @@ def test_protected_subspace_state_round_trip(tmp_path):
     keys = torch.randn(50, 8)
     subspace = ProtectedSubspace.from_key_covariance(keys.T @ keys, 1e-2)
     subspace.add_keys(torch.randn(2, 8))
+    subspace.add_soft_keys(torch.randn(3, 8))  # the soft memory of committed edits resumes too
     torch.save(subspace.state_dict(), tmp_path / "state.pt")
     restored = ProtectedSubspace.from_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     for field in fields(ProtectedSubspace):

@@ -219,6 +219,7 @@ class Editor(ABC):
                     self._fit_change(delta, keys if projector is None else projector.project(keys.float()), projector)
                     for delta, keys, projector in zip(deltas, key_rows, projectors)
                 ]
+                self.constrain(deltas)  # the method's feasible set holds for what is committed, too
         delta_norm = self._commit(deltas, projectors)
         if self.protected and self.config.protect_edit_keys:
             self._protect_request_keys(request)

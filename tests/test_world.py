@@ -2,6 +2,7 @@
 import csv
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,6 +44,7 @@ def test_tiny_world_is_a_loadable_hf_model_that_knows_facts(tiny_world):
     tokenizer = AutoTokenizer.from_pretrained(tiny_world.path)
     assert model.config.model_type == "llama" and tokenizer.pad_token == "<pad>"
     assert tiny_world.info["recall"]["main"] >= 0.9 and tiny_world.info["recall"]["paraphrase"] >= 0.9
+    assert tiny_world.info["recall_met"] is (min(tiny_world.info["recall"][k] for k in ("main", "paraphrase")) >= 0.97)
     assert len(load_requests(tiny_world.edits_path).requests) == tiny_world.info["edits"]
     corpus = "\n".join(tiny_world.corpus())
     assert corpus.count(".") >= sum(tiny_world.info["facts"].values())  # every fact, in its training form
@@ -52,7 +54,9 @@ def test_tiny_world_is_a_loadable_hf_model_that_knows_facts(tiny_world):
 def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("KDPO_HOME", str(tmp_path / "home"))
     config = WorldConfig(**MICRO)
-    first = build_world(config, progress=False)
+    with pytest.warns(UserWarning, match="did not reach recall"):  # two epochs teach it nothing, and it says so
+        first = build_world(config, progress=False)
+    assert first.info["recall_met"] is False
     again = build_world(config, progress=False)
     assert again.info["cached"] is True and again.path == first.path
     rebuilt = build_world(config, out=tmp_path / "other", progress=False)

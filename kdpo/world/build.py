@@ -19,6 +19,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -248,7 +249,7 @@ def train_world(
     encoded = _encode_facts(tokenizer, training, config.text_weight)
     generator = torch.Generator().manual_seed(config.seed)
     sequences_per_epoch = -(-len(encoded) // config.facts_per_sequence)
-    batch_size = min(config.batch_size, max(8, sequences_per_epoch // 8))  # small worlds: >= 8 steps an epoch
+    batch_size = min(config.batch_size, max(8, sequences_per_epoch // 40))  # small worlds: >= 40 steps an epoch
     total_steps = config.max_epochs * -(-sequences_per_epoch // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, total_steps // 20)
@@ -280,7 +281,12 @@ def train_world(
     model.eval()
     if held_out:
         recall |= {f"held_out_{kind}": value for kind, value in _recall(model, tokenizer, held_out).items()}
-    return model, tokenizer, texts, {"epochs": epoch, "recall": recall, "checks": checks}
+    met = all(recall[kind] >= config.recall_target for kind in ("main", "paraphrase", "locality") if kind in recall)
+    if not met:
+        warnings.warn(f"the world did not reach recall {config.recall_target} in {epoch} epochs: {recall}; "
+                      "raise max_epochs or lr (--set) before editing it")
+    return model, tokenizer, texts, {"epochs": epoch, "recall": recall, "recall_met": met, "batch_size": batch_size,
+                                     "checks": checks}
 
 
 def corpus_lines(training: list[TrainingFact], config: WorldConfig) -> list[str]:

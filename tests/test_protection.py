@@ -96,6 +96,21 @@ def test_soft_edit_keys_remember_every_prompt_and_keep_the_barred_span(tiny_worl
         assert (remembered >= 0.99 * projected.norm(dim=1) ** 4).all()
 
 
+@pytest.mark.parametrize("reserve, barred", [(0.0, True), (1.0, False)])
+def test_hard_then_soft_bars_edit_keys_only_while_room_is_left(tiny_world, tiny_model, tiny_requests, monkeypatch,
+                                                                reserve, barred):
+    import kdpo.editors.base
+
+    monkeypatch.setattr(kdpo.editors.base, "HARD_RESERVE", reserve)
+    model, tokenizer = tiny_model
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides={"edit_keys": "hard-then-soft"}),
+                          tiny_world.corpus())
+    ranks = [subspace.rank for subspace in editor.protected]
+    editor.edit(tiny_requests[0])
+    for subspace, rank in zip(editor.protected, ranks):
+        assert (subspace.rank > rank) is barred and (subspace.key_gram is None) is barred
+
+
 def test_restricting_a_change_to_its_keys_keeps_their_outputs_and_shrinks_it():
     generator = torch.Generator().manual_seed(0)
     keys, delta = torch.randn(5, 64, generator=generator), torch.randn(64, 8, generator=generator)

@@ -22,7 +22,8 @@ from kdpo.requests import EditRequest
 
 PROTECTIONS = ("none", "null-space")
 OPTIMIZERS = ("adam", "sgd")
-EDIT_KEY_MODES = ("soft", "hard")
+EDIT_KEY_MODES = ("soft", "hard", "hard-then-soft")
+HARD_RESERVE = 0.1  # hard-then-soft: bar edits' keys until only this share of a module's key directions is free
 
 
 @dataclass
@@ -38,7 +39,8 @@ class EditorConfig:
     null_space_threshold: float = 1e-3  # energy rule: protect the directions holding 99.9% of K0's energy
     null_space_rule: str = "energy"  # or "relative": eigenvalue >= threshold x the largest
     protect_edit_keys: bool = True
-    edit_keys: str = "soft"  # how committed edits' keys are kept: "soft" (least squares) or "hard" (barred span)
+    edit_keys: str = "soft"  # how committed edits' keys are kept: "soft" (least squares), "hard" (barred span),
+    # or "hard-then-soft" (barred while more than HARD_RESERVE of a module's key directions are free)
     edit_key_weight: float = 1.0  # soft: weight of a past edit's key against the new edit's own keys
     commit_ridge: float = 1e-2  # soft: ridge of the least-squares fit of the committed change
     minimal_change: bool = True  # commit only the part of the change the edit's own sequence uses
@@ -55,7 +57,7 @@ class EditorConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.edit_keys not in EDIT_KEY_MODES:
             raise ValueError(f"edit_keys must be one of {EDIT_KEY_MODES}, got {self.edit_keys!r}")
-        if self.edit_keys == "soft" and not self.minimal_change:
+        if self.edit_keys != "hard" and not self.minimal_change:
             raise ValueError("edit_keys 'soft' works through the fitted commit, so it needs minimal_change true")
         if self.edit_key_weight <= 0 or self.commit_ridge <= 0:
             raise ValueError("edit_key_weight and commit_ridge must be > 0")
@@ -230,7 +232,7 @@ class Editor(ABC):
 
     @property
     def _soft(self) -> bool:
-        return bool(self.protected) and self.config.protect_edit_keys and self.config.edit_keys == "soft"
+        return bool(self.protected) and self.config.protect_edit_keys and self.config.edit_keys != "hard"
 
     @torch.no_grad()
     def drift(self) -> dict[str, float]:
@@ -286,7 +288,8 @@ class Editor(ABC):
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         mask = batch.answer_mask
         for subspace, store in zip(self.protected, captured):
-            if self._soft:
+            room = subspace.dim - subspace.rank > HARD_RESERVE * subspace.dim
+            if self.config.edit_keys == "soft" or (self.config.edit_keys == "hard-then-soft" and not room):
                 subspace.add_soft_keys(store[0][mask], self.config.edit_key_weight)
             else:
                 subspace.add_keys(store[0][mask])

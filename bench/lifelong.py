@@ -100,12 +100,15 @@ def bar_checks(variants: dict, counts: tuple[int, ...]) -> list[dict]:
 def run_jobs(jobs: list[Job], parallel: int, quiet: bool) -> list[dict]:
     """Every job in a spawned process of its own, ``parallel`` at a time; a job whose summary is already on
     disk for the same world, method, settings and counts is reused, so an interrupted benchmark resumes."""
+    source = source_digest()
+    identities = [job_identity(job, source) for job in jobs]
     results: list[dict | None] = [None] * len(jobs)
     pending = []
     for index, job in enumerate(jobs):
         saved = Path(job.out) / f"{job.method}.summary.json"
-        if saved.exists() and json.loads(saved.read_text()).get("job") == job_identity(job):
-            results[index] = json.loads(saved.read_text())["result"]
+        summary = json.loads(saved.read_text()) if saved.exists() else {}
+        if summary.get("job") == identities[index]:
+            results[index] = summary["result"]
         else:
             pending.append(index)
     context = multiprocessing.get_context("spawn")
@@ -115,17 +118,18 @@ def run_jobs(jobs: list[Job], parallel: int, quiet: bool) -> list[dict]:
             index, job = futures[future], jobs[futures[future]]
             results[index] = future.result()
             (Path(job.out) / f"{job.method}.summary.json").write_text(
-                json.dumps({"job": job_identity(job), "result": results[index]}))
+                json.dumps({"job": identities[index], "result": results[index]}))
             if not quiet:
                 print(f"{job.out} {job.method}: {json.dumps(headline(results[index]['by_count'][-1]))}")
     return results
 
 
-def job_identity(job: Job) -> dict:
-    """What makes two runs the same: the world's key, the method, its settings and the edit counts."""
+def job_identity(job: Job, source: str) -> dict:
+    """What makes two runs the same: the world's key, the method, its settings, the edit counts and the
+    ``kdpo`` source digest."""
     world_info = json.loads((Path(job.world) / "world.json").read_text())
     return {"world": world_info.get("key"), "method": job.method, "overrides": job.overrides,
-            "counts": list(job.counts), "device": job.device, "dtype": job.dtype, "source": source_digest()}
+            "counts": list(job.counts), "device": job.device, "dtype": job.dtype, "source": source}
 
 
 def plot_curves(variants: dict, counts: tuple[int, ...], path: Path) -> None:
@@ -250,9 +254,9 @@ def run(args: argparse.Namespace) -> dict:
     results = run_jobs([job for _, _, job in jobs], args.jobs, args.quiet)
     runs: dict[str, list[dict]] = {}
     fluency_before = {}
+    tokenizers = {str(world.path): AutoTokenizer.from_pretrained(world.path) for _, world in worlds}
     for (seed, variant, job), result in zip(jobs, results):
-        result["multi_token"] = multi_token_success(Path(job.out) / f"{job.method}.json",
-                                                    AutoTokenizer.from_pretrained(job.world))
+        result["multi_token"] = multi_token_success(Path(job.out) / f"{job.method}.json", tokenizers[job.world])
         runs.setdefault(variant, []).append(result)
         fluency_before[seed] = result["by_count"][0]["fluency_before"]
     worlds = [world_summary(world) | {"seed": seed, "fluency_before": fluency_before[seed]} for seed, world in worlds]

@@ -58,7 +58,8 @@ class EditorConfig:
         if self.edit_keys not in EDIT_KEY_MODES:
             raise ValueError(f"edit_keys must be one of {EDIT_KEY_MODES}, got {self.edit_keys!r}")
         if self.edit_keys != "hard" and not self.minimal_change:
-            raise ValueError("edit_keys 'soft' works through the fitted commit, so it needs minimal_change true")
+            raise ValueError(f"edit_keys {self.edit_keys!r} remembers softly through the fitted commit, "
+                             "so it needs minimal_change true")
         if self.edit_key_weight <= 0 or self.commit_ridge <= 0:
             raise ValueError("edit_key_weight and commit_ridge must be > 0")
         if self.delta_penalty < 0:

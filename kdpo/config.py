@@ -32,7 +32,7 @@ def build_settings(cls: type[T], values: dict, what: str) -> T:
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(f"{what} has no setting {key!r}; settings: {', '.join(sorted(fields))}")
-        typed[key] = _coerce(key, value, fields[key].default)
+        typed[key] = coerce_setting(key, value, fields[key].default)
     settings = cls(**typed)
     validate = getattr(settings, "validate", None)
     if validate is not None:
@@ -43,7 +43,8 @@ def build_settings(cls: type[T], values: dict, what: str) -> T:
     return settings
 
 
-def _coerce(key: str, value, default):
+def coerce_setting(key: str, value, default):
+    """``value`` (a CLI string or a parsed value) as the type of ``default``; a ConfigError naming ``key`` if it is not one."""
     if isinstance(default, tuple):
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(str(item).strip() for item in items if str(item).strip())

@@ -218,7 +218,9 @@ def memory_table(report: dict) -> str:
                "peak_over_baseline_mb": "peak - before load", "ratio": "ratio",
                "setup_over_start_mb": "setup+edit 1 - RSS before", "edits_over_start_mb": f"edits 2-{first} - RSS before"}
     if cuda:
-        columns |= {"cuda_peak_allocated_mb": "CUDA peak", "cuda_ratio": "CUDA ratio"}
+        columns |= {"cuda_peak_load_and_probe_mb": "CUDA peak load+probe", "cuda_peak_setup_mb": "CUDA peak setup+edit 1",
+                    "cuda_peak_edits_mb": f"CUDA peak edits 2-{first}", "cuda_peak_rest_mb": "CUDA peak rest",
+                    "cuda_peak_allocated_mb": "CUDA peak", "cuda_ratio": "CUDA ratio"}
     return format_table(["method", *columns.values()],
                         [[r["method"], *(r["memory"].get(k) for k in columns)] for r in report["rows"]])
 

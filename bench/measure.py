@@ -91,11 +91,13 @@ def trained_delta_bytes(model: torch.nn.Module, modules: tuple[str, ...]) -> int
 
 
 class MemoryTrace:
-    """RSS at named moments and the peak RSS (VmHWM) of each phase between them, in bytes; None without /proc."""
+    """RSS at named moments and the peak RSS (VmHWM) of each phase between them, in bytes (None without
+    /proc); on a GPU also the peak CUDA allocation of each phase."""
 
     def __init__(self) -> None:
         self.rss: dict[str, int | None] = {}
         self.peaks: dict[str, int | None] = {}
+        self.cuda_peaks: dict[str, int] = {}
 
     def mark(self, name: str) -> None:
         self.rss[name] = proc_status_bytes("VmRSS")
@@ -104,6 +106,9 @@ class MemoryTrace:
         """Record the peak since the last phase ended (or since ``reset_peak_rss``); start the next phase."""
         self.peaks[name] = proc_status_bytes("VmHWM")
         reset_peak_rss()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.cuda_peaks[name] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
 
 
 def memory_report(trace: MemoryTrace, model: torch.nn.Module, modules: tuple[str, ...]) -> dict:
@@ -121,8 +126,9 @@ def memory_report(trace: MemoryTrace, model: torch.nn.Module, modules: tuple[str
                    "setup_over_start_mb": (trace.peaks["setup"] - trace.rss["before_editing"]) / MB}
         if "edits" in trace.peaks:
             report["edits_over_start_mb"] = (trace.peaks["edits"] - trace.rss["after_setup"]) / MB
-    if next(model.parameters()).device.type == "cuda":
-        allocated = torch.cuda.max_memory_allocated()
+    if trace.cuda_peaks:
+        allocated = max(trace.cuda_peaks.values())
+        report |= {f"cuda_peak_{name}_mb": value / MB for name, value in trace.cuda_peaks.items()}
         report |= {"cuda_peak_allocated_mb": allocated / MB, "cuda_ratio": allocated / budget}
     return report
 

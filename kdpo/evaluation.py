@@ -7,9 +7,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpo.metrics import agreement, answer_predictions, mean, ngram_entropy, token_accuracy
-from kdpo.modeling import chunks, encode_pairs, forward_logits, load_model
+from kdpo.modeling import chunks, encode_pairs, load_model
 from kdpo.requests import EditRequest
 
+LOGITS_BUDGET_BYTES = 256 * 2**20  # the most logits (as float32) one scoring forward pass may hold
 PROTOCOL = {
     "edit_success": "teacher-forced token accuracy of target_new on the edit prompt (EasyEdit)",
     "generalization": "teacher-forced token accuracy of target_new on the rephrase prompts (EasyEdit)",
@@ -55,15 +56,23 @@ class Probe:
 def score_pairs(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
 ) -> tuple[list[float], list[list[int]]]:
-    """Teacher-forced token accuracy and argmax answer tokens of each (prompt, answer) pair."""
+    """Teacher-forced token accuracy and argmax answer tokens of each (prompt, answer) pair.
+
+    Batches of ``batch_size`` pairs are split so that one forward pass holds at most ``LOGITS_BUDGET_BYTES``
+    of logits: with a real vocabulary (150k tokens) the logits, not the model, would set the memory peak."""
     device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
     accuracies: list[float] = []
     predictions: list[list[int]] = []
     for batch_pairs in chunks(pairs, batch_size):
         batch = encode_pairs(tokenizer, batch_pairs, device)
-        logits = forward_logits(model, batch)
-        accuracies += token_accuracy(logits, batch.labels).tolist()
-        predictions += answer_predictions(logits, batch.labels)
+        rows = max(1, LOGITS_BUDGET_BYTES // (4 * vocab * batch.input_ids.shape[1]))
+        for part in chunks(range(len(batch_pairs)), rows):
+            rows_slice = slice(part[0], part[-1] + 1)
+            logits = model(input_ids=batch.input_ids[rows_slice], attention_mask=batch.attention_mask[rows_slice]).logits
+            labels = batch.labels[rows_slice]
+            accuracies += token_accuracy(logits, labels).tolist()  # argmax: the model's own dtype will do
+            predictions += answer_predictions(logits, labels)
     return accuracies, predictions
 
 

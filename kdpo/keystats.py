@@ -88,7 +88,7 @@ def key_covariances(
 ) -> list[torch.Tensor]:
     """K0^T K0 (float32, [in, in]) of each named module's inputs at every non-pad position of ``corpus``,
     read from the on-disk cache when the same weights, modules and corpus were seen before."""
-    from kdpo.editors.base import capture_inputs, find_module, input_output_dims
+    from kdpo.editors.base import find_module, input_output_dims, module_inputs
 
     modules = [find_module(model, name) for name in module_names]
     digest = hashlib.sha256(weights_digest(model).encode())
@@ -105,11 +105,9 @@ def key_covariances(
         for batch_texts in tqdm(batches, desc="key statistics", disable=not progress, unit="batch"):
             encoded = tokenizer(batch_texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
             encoded = encoded.to(device)
-            with capture_inputs(modules) as captured:
-                model(**encoded)
             mask = encoded["attention_mask"].bool()
-            for covariance, store in zip(covariances, captured):
-                keys = store[0][mask].float()
+            for covariance, inputs in zip(covariances, module_inputs(model, modules, encoded["input_ids"], mask)):
+                keys = inputs[mask].float()
                 covariance += keys.T @ keys
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -129,3 +129,20 @@ def test_paper_preset_is_a_named_config():
     assert ft_m.lr == 1e-3 and not hasattr(ft_m, "beta")
     with pytest.raises(ConfigError, match="cannot read settings file"):
         make_config("kdpo", "no-such-preset")
+
+
+def test_scoring_splits_a_batch_whose_logits_exceed_the_budget(tiny_model, tiny_requests, monkeypatch):
+    import kdpo.evaluation
+
+    model, tokenizer = tiny_model
+    pairs = [(prompt, r.target_new) for r in tiny_requests[:8] for prompt in (r.prompt, *r.rephrase_prompts)]
+    whole = score_pairs(model, tokenizer, pairs)
+    passes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: passes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    monkeypatch.setattr(kdpo.evaluation, "LOGITS_BUDGET_BYTES", 1)  # one pair per forward pass
+    try:
+        assert score_pairs(model, tokenizer, pairs) == whole
+    finally:
+        hook.remove()
+    assert passes == [1] * len(pairs)

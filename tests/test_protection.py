@@ -5,7 +5,7 @@ import torch
 
 from kdpo.config import ConfigError
 from kdpo.editing import build_editor, make_config, run_sequential
-from kdpo.editors.base import capture_inputs, restrict_to_keys
+from kdpo.editors.base import find_module, module_inputs, restrict_to_keys
 from kdpo.keystats import key_covariances, keystats_root, read_corpus
 from kdpo.modeling import encode_pairs
 from kdpo.protection import ProtectedSubspace
@@ -70,10 +70,9 @@ def test_committed_edit_protects_its_prompt_and_rephrases(tiny_world, tiny_model
     editor.edit(request)
     prompts = [request.prompt, *request.rephrase_prompts]
     batch = encode_pairs(tokenizer, [(p, request.target_new) for p in prompts])
-    with torch.no_grad(), capture_inputs(editor.modules) as captured:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    for subspace, store in zip(editor.protected, captured):
-        keys = store[0][batch.answer_mask]
+    captured = module_inputs(model, editor.modules, batch.input_ids, batch.attention_mask)
+    for subspace, inputs in zip(editor.protected, captured):
+        keys = inputs[batch.answer_mask]
         assert len(keys) >= len(prompts)
         residual = keys - keys @ subspace.basis @ subspace.basis.T
         assert (residual.norm(dim=1) <= 0.05 * keys.norm(dim=1) + 1e-4).all()
@@ -87,11 +86,10 @@ def test_soft_edit_keys_remember_every_prompt_and_keep_the_barred_span(tiny_worl
     assert editor.edit(request).reached
     prompts = [request.prompt, *request.rephrase_prompts]
     batch = encode_pairs(tokenizer, [(p, request.target_new) for p in prompts])
-    with torch.no_grad(), capture_inputs(editor.modules) as captured:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    for subspace, store, rank in zip(editor.protected, captured, ranks):
+    captured = module_inputs(model, editor.modules, batch.input_ids, batch.attention_mask)
+    for subspace, inputs, rank in zip(editor.protected, captured, ranks):
         assert subspace.rank == rank  # soft memory: nothing is barred
-        projected = subspace.project(store[0][batch.answer_mask])
+        projected = subspace.project(inputs[batch.answer_mask])
         remembered = torch.einsum("ni,ij,nj->n", projected, subspace.key_gram, projected)
         assert (remembered >= 0.99 * projected.norm(dim=1) ** 4).all()
 
@@ -168,3 +166,25 @@ def test_weight_drift_is_recorded_per_edit(tiny_world, tiny_model, tiny_requests
 def test_bad_protection_settings_are_clear_errors(overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         make_config("kdpo", overrides=overrides).validate()
+
+
+def test_module_inputs_stop_the_forward_pass_once_every_module_has_its_input(tiny_model):
+    model, tokenizer = tiny_model
+    batch = encode_pairs(tokenizer, [("The capital of France is", "Paris")])
+    modules = [find_module(model, f"model.layers.{i}.mlp.down_proj") for i in (1, 0)]
+    full: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda m, args: full.append(args[0])) for m in modules]
+    later_layers_ran = []  # the output head, above every edited module
+    last = model.get_output_embeddings().register_forward_pre_hook(lambda m, args: later_layers_ran.append(1))
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for handle in handles:
+        handle.remove()
+    assert later_layers_ran
+    later_layers_ran.clear()
+    inputs = module_inputs(model, modules, batch.input_ids, batch.attention_mask)
+    last.remove()
+    assert torch.equal(inputs[0], full[1]) and torch.equal(inputs[1], full[0])  # in the order the modules were given
+    assert not later_layers_ran
+    with pytest.raises(RuntimeError, match="never ran"):
+        module_inputs(model, [torch.nn.Linear(2, 2)], batch.input_ids, batch.attention_mask)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -113,19 +112,36 @@ def restrict_to_keys(delta: torch.Tensor, keys: torch.Tensor, rank_tolerance: fl
     return basis @ (basis.T @ delta)
 
 
-@contextmanager
-def capture_inputs(modules: list[torch.nn.Module]):
-    """Record the input of each module on every forward pass inside the block."""
-    captured: list[list[torch.Tensor]] = [[] for _ in modules]
-    handles = [
-        module.register_forward_hook(lambda m, args, out, store=store: store.append(args[0].detach()))
-        for module, store in zip(modules, captured)
-    ]
+class _InputsCaptured(Exception):
+    """Raised by ``module_inputs``' hooks once every module has seen its input, to end the forward pass."""
+
+
+@torch.no_grad()
+def module_inputs(model: PreTrainedModel, modules: list[torch.nn.Module], input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """The input of each module in a forward pass of ``model``, which stops as soon as every module has seen
+    its input: the layers above the deepest one and the output head (on a large model most of the work,
+    and with a large vocabulary most of the memory) are never run."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def recorder(index: int):
+        def record(module, args):
+            captured.setdefault(index, args[0].detach())
+            if len(captured) == len(modules):
+                raise _InputsCaptured
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(i)) for i, module in enumerate(modules)]
     try:
-        yield captured
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    except _InputsCaptured:
+        pass
     finally:
         for handle in handles:
             handle.remove()
+    if len(captured) < len(modules):
+        raise RuntimeError(f"{len(modules) - len(captured)} of the edited modules never ran in the model's forward pass")
+    return [captured[i] for i in range(len(modules))]
 
 
 class Editor(ABC):
@@ -210,9 +226,8 @@ class Editor(ABC):
                 with torch.no_grad():
                     reached = self.reached(forward_logits(self.model, batch), batch)
             if self.config.minimal_change:
-                with torch.no_grad(), capture_inputs(self.modules) as captured:
-                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                key_rows = [store[0][batch.attention_mask.bool()] for store in captured]
+                key_rows = [inputs[batch.attention_mask.bool()]
+                            for inputs in module_inputs(self.model, self.modules, batch.input_ids, batch.attention_mask)]
         finally:
             for handle in handles:
                 handle.remove()
@@ -285,12 +300,11 @@ class Editor(ABC):
         later edits leave this one alone: barred from their span (hard) or fitted around them (soft)."""
         prompts = [request.prompt, *request.rephrase_prompts]
         batch = encode_pairs(self.tokenizer, [(prompt, request.target_new) for prompt in prompts], self.device)
-        with capture_inputs(self.modules) as captured:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         mask = batch.answer_mask
-        for subspace, store in zip(self.protected, captured):
+        for subspace, inputs in zip(self.protected, module_inputs(self.model, self.modules, batch.input_ids,
+                                                                   batch.attention_mask)):
             room = subspace.dim - subspace.rank > HARD_RESERVE * subspace.dim
             if self.config.edit_keys == "soft" or (self.config.edit_keys == "hard-then-soft" and not room):
-                subspace.add_soft_keys(store[0][mask], self.config.edit_key_weight)
+                subspace.add_soft_keys(inputs[mask], self.config.edit_key_weight)
             else:
-                subspace.add_keys(store[0][mask])
+                subspace.add_keys(inputs[mask])

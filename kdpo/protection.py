@@ -21,7 +21,10 @@ class ProtectedSubspace:
 
     basis: torch.Tensor
     spectrum: torch.Tensor | None = None  # eigenvalues of K0^T K0, descending, for reports
-    key_gram: torch.Tensor | None = None  # weighted projected Gram of committed edits' keys (soft protection)
+    # Soft protection: G, the weighted projected Gram of committed edits' keys, kept as (G + ridge I)^-1 in
+    # float64 and updated by Woodbury's identity, so neither remembering nor fitting needs a dim^3 solve.
+    soft_inverse: torch.Tensor | None = None
+    soft_ridge: float = 0.0
 
     @classmethod
     def from_key_covariance(
@@ -50,9 +53,15 @@ class ProtectedSubspace:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "ProtectedSubspace":
-        """The subspace :meth:`state_dict` saved (fields it lacks keep their defaults)."""
-        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+    def from_state_dict(cls, state: dict, ridge: float = 1e-2) -> "ProtectedSubspace":
+        """The subspace :meth:`state_dict` saved (fields it lacks keep their defaults). A checkpoint written
+        before the soft memory was kept inverted holds G itself (``key_gram``): it is inverted with ``ridge``."""
+        subspace = cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+        if state.get("key_gram") is not None and subspace.soft_inverse is None:
+            gram = state["key_gram"].double()
+            subspace.soft_inverse = torch.linalg.inv(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+            subspace.soft_ridge = ridge
+        return subspace
 
     @property
     def dim(self) -> int:
@@ -67,12 +76,35 @@ class ProtectedSubspace:
         basis = self.basis.to(rows.dtype)
         return rows - (rows @ basis) @ basis.T
 
-    def add_soft_keys(self, keys: torch.Tensor, weight: float = 1.0) -> None:
-        """Remember keys [n, dim] softly: add their projected Gram matrix, which later changes are fitted
-        against (least interference), instead of barring their span."""
-        projected = self.project(keys.float().to(self.basis.device))
-        gram = weight * projected.T @ projected
-        self.key_gram = gram if self.key_gram is None else self.key_gram + gram
+    def add_soft_keys(self, keys: torch.Tensor, weight: float = 1.0, ridge: float = 1e-2) -> None:
+        """Remember keys [n, dim] softly: G += weight * (P K)^T (P K), which later changes are fitted against
+        (least interference, :meth:`fit_change`), instead of barring their span. O(dim^2 n): a Woodbury update
+        of (G + ridge I)^-1 (``ridge`` is fixed by the first call)."""
+        projected = self.project(keys.float().to(self.basis.device)).double()
+        if self.soft_inverse is None:
+            self.soft_inverse = torch.eye(self.dim, dtype=torch.float64, device=self.basis.device) / ridge
+            self.soft_ridge = ridge
+        spread = self.soft_inverse @ projected.T  # A^-1 U^T, [dim, n]
+        core = torch.eye(len(projected), dtype=torch.float64, device=spread.device) / weight + projected @ spread
+        inverse = self.soft_inverse - spread @ torch.linalg.solve(core, spread.T)
+        self.soft_inverse = (inverse + inverse.T) / 2
+
+    def fit_change(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The least-squares change X [dim, out] that keeps ``delta``'s effect on ``keys`` [n, dim] (projected)
+        and disturbs the remembered keys least: min ||K X - K delta||^2 + tr(X^T G X) + ridge ||X||^2, i.e.
+        X = (K^T K + A)^-1 K^T K delta with A = G + ridge I, computed as A^-1 K^T (I + K A^-1 K^T)^-1 K delta."""
+        keys = keys.double()
+        spread = self.soft_inverse @ keys.T  # [dim, n]
+        core = torch.eye(len(keys), dtype=torch.float64, device=keys.device) + keys @ spread
+        return (spread @ torch.linalg.solve(core, keys @ delta.double())).to(delta.dtype)
+
+    @property
+    def key_gram(self) -> torch.Tensor | None:
+        """G itself, float32 (one dim^3 inversion: for reports and checks, not used while editing)."""
+        if self.soft_inverse is None:
+            return None
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.soft_inverse.device)
+        return (torch.linalg.inv(self.soft_inverse) - self.soft_ridge * eye).float()
 
     def add_keys(self, keys: torch.Tensor, tolerance: float = 0.05) -> int:
         """Add the directions of ``keys`` [n, dim] not yet protected (relative residual > tolerance).

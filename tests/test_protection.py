@@ -188,3 +188,24 @@ def test_module_inputs_stop_the_forward_pass_once_every_module_has_its_input(tin
     assert not later_layers_ran
     with pytest.raises(RuntimeError, match="never ran"):
         module_inputs(model, [torch.nn.Linear(2, 2)], batch.input_ids, batch.attention_mask)
+
+
+def test_soft_memory_woodbury_updates_equal_the_direct_solve():
+    torch.manual_seed(0)
+    dim, ridge = 24, 1e-2
+    subspace = ProtectedSubspace(torch.linalg.qr(torch.randn(dim, 6)).Q)
+    gram = torch.zeros(dim, dim, dtype=torch.float64)
+    for weight in (1.0, 0.5, 2.0):  # three edits' keys, remembered one after another
+        keys = torch.randn(5, dim)
+        subspace.add_soft_keys(keys, weight, ridge)
+        projected = subspace.project(keys).double()
+        gram += weight * projected.T @ projected
+    assert torch.allclose(subspace.key_gram.double(), gram, atol=1e-4)
+    keys, delta = subspace.project(torch.randn(4, dim)), torch.randn(dim, 3)
+    direct = torch.linalg.solve(keys.double().T @ keys.double() + gram + ridge * torch.eye(dim, dtype=torch.float64),
+                                keys.double().T @ (keys.double() @ delta.double()))
+    assert torch.allclose(subspace.fit_change(keys, delta).double(), direct, atol=1e-4)
+    restored = ProtectedSubspace.from_state_dict(subspace.state_dict())
+    assert torch.equal(restored.soft_inverse, subspace.soft_inverse) and restored.soft_ridge == ridge
+    legacy = ProtectedSubspace.from_state_dict({"basis": subspace.basis, "key_gram": gram.float()}, ridge)  # G itself
+    assert torch.allclose(legacy.soft_inverse, subspace.soft_inverse, rtol=1e-3, atol=1e-3)

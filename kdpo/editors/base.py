@@ -276,12 +276,9 @@ class Editor(ABC):
         committed edits' keys (Gram G, see :meth:`ProtectedSubspace.add_soft_keys`) least:
         min ||K X - K delta||^2 + tr(X^T G X) + ridge ||X||^2, i.e. X = (K^T K + G + ridge I)^-1 K^T K delta.
         """
-        if not self._soft or projector is None or projector.key_gram is None:
+        if not self._soft or projector is None or projector.soft_inverse is None:
             return restrict_to_keys(delta, keys)
-        keys = keys.float()
-        system = keys.T @ keys + projector.key_gram
-        system += self.config.commit_ridge * torch.eye(len(system), device=system.device)
-        return torch.linalg.solve(system, keys.T @ (keys @ delta))
+        return projector.fit_change(keys.float(), delta)
 
     @torch.no_grad()
     def _commit(self, deltas: list[torch.Tensor], projectors: list[ProtectedSubspace | None]) -> float:
@@ -305,6 +302,6 @@ class Editor(ABC):
                                                                    batch.attention_mask)):
             room = subspace.dim - subspace.rank > HARD_RESERVE * subspace.dim
             if self.config.edit_keys == "soft" or (self.config.edit_keys == "hard-then-soft" and not room):
-                subspace.add_soft_keys(inputs[mask], self.config.edit_key_weight)
+                subspace.add_soft_keys(inputs[mask], self.config.edit_key_weight, self.config.commit_ridge)
             else:
                 subspace.add_keys(inputs[mask])

@@ -14,9 +14,7 @@ benchmark) with the report as an artifact.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.measure import BUDGET_FORMULA, PEAK_FORMULA, Job, measure_method
+from bench.measure import BUDGET_FORMULA, PEAK_FORMULA, Job, run_jobs, threads_per_job
 from kdpo.cli import UsageError, _split_setting, format_table
 from kdpo.config import ConfigError, build_settings
 from kdpo.editing import SCHEDULE, make_config
@@ -87,13 +85,6 @@ def git_version() -> str | None:
     except OSError:
         return None
     return done.stdout.strip() or None
-
-
-def run_isolated(job: Job) -> dict:
-    """``measure_method(job)`` in a freshly spawned process (its own memory peak, no state shared)."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(measure_method, job).result()
 
 
 def mean_of_four(summary: dict) -> float:
@@ -343,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     parser.add_argument("--artifact-root", help="where a new kdpo-benchmark experiment keeps artifacts (./mlartifacts)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the report only")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="methods at a time, each in its own process with cores/JOBS torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -362,13 +355,12 @@ def run(args: argparse.Namespace) -> dict:
     name = args.name or next(Path(p).stem for p in (args.edits_file, args.world, "default-world") if p)
     out = Path(args.out or Path("bench/results") / name)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for method in methods:  # the report is rewritten after each method, so a long run stopped early keeps its rows
-        rows.append(run_isolated(Job(str(world.path), method, counts, overrides, args.device, args.dtype,
-                                     out=str(out), progress=not args.quiet)))
-        report = build_report(name, args.edits_file, world, counts, rows, args.device, args.dtype)
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        (out / "report.md").write_text(markdown(report))
+    jobs = [Job(str(world.path), method, counts, overrides, args.device, args.dtype, out=str(out),
+                progress=not args.quiet and args.jobs == 1, threads=threads_per_job(args.jobs)) for method in methods]
+    rows = run_jobs(jobs, args.jobs, args.quiet)  # a finished method's summary is kept: re-running resumes
+    report = build_report(name, args.edits_file, world, counts, rows, args.device, args.dtype)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
     if not args.no_mlflow:
         report["mlflow_runs"] = log_to_mlflow(report, out, args.tracking_uri, args.artifact_root)
     return report

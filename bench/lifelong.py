@@ -14,10 +14,7 @@ result, so re-running the same command resumes an interrupted benchmark. Writes 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from bench.compare import METHODS, parse_counts, prepare_world, run_and_print, world_summary
-from bench.measure import Job, measure_method, source_digest
+from bench.measure import Job, run_jobs, threads_per_job
 from kdpo.cli import UsageError, _split_setting
 from kdpo.config import build_settings
 from kdpo.editing import SCHEDULE, make_config
@@ -95,41 +92,6 @@ def bar_checks(variants: dict, counts: tuple[int, ...]) -> list[dict]:
         checks.append({"target": f"fluency within {FLUENCY_TOLERANCE:.0%} of the pre-edit model",
                        "measured": change, "met": change <= FLUENCY_TOLERANCE})
     return checks
-
-
-def run_jobs(jobs: list[Job], parallel: int, quiet: bool) -> list[dict]:
-    """Every job in a spawned process of its own, ``parallel`` at a time; a job whose summary is already on
-    disk for the same world, method, settings and counts is reused, so an interrupted benchmark resumes."""
-    source = source_digest()
-    identities = [job_identity(job, source) for job in jobs]
-    results: list[dict | None] = [None] * len(jobs)
-    pending = []
-    for index, job in enumerate(jobs):
-        saved = Path(job.out) / f"{job.method}.summary.json"
-        summary = json.loads(saved.read_text()) if saved.exists() else {}
-        if summary.get("job") == identities[index]:
-            results[index] = summary["result"]
-        else:
-            pending.append(index)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max(1, parallel), mp_context=context) as pool:
-        futures = {pool.submit(measure_method, jobs[index]): index for index in pending}
-        for future in concurrent.futures.as_completed(futures):
-            index, job = futures[future], jobs[futures[future]]
-            results[index] = future.result()
-            (Path(job.out) / f"{job.method}.summary.json").write_text(
-                json.dumps({"job": identities[index], "result": results[index]}))
-            if not quiet:
-                print(f"{job.out} {job.method}: {json.dumps(headline(results[index]['by_count'][-1]))}")
-    return results
-
-
-def job_identity(job: Job, source: str) -> dict:
-    """What makes two runs the same: the world's key, the method, its settings, the edit counts and the
-    ``kdpo`` source digest."""
-    world_info = json.loads((Path(job.world) / "world.json").read_text())
-    return {"world": world_info.get("key"), "method": job.method, "overrides": job.overrides,
-            "counts": list(job.counts), "device": job.device, "dtype": job.dtype, "source": source}
 
 
 def plot_curves(variants: dict, counts: tuple[int, ...], path: Path) -> None:
@@ -250,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
                 jobs.append((seed, f"{method}/{protection}", Job(
                     str(world.path), method, counts, overrides | {"protection": protection}, args.device,
                     out=str(job_out), progress=not args.quiet and args.jobs == 1,
-                    threads=max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0)))
+                    threads=threads_per_job(args.jobs))))
     results = run_jobs([job for _, _, job in jobs], args.jobs, args.quiet)
     runs: dict[str, list[dict]] = {}
     fluency_before = {}

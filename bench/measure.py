@@ -11,7 +11,10 @@ loaded.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import json
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
@@ -213,3 +216,49 @@ def measure_method(job: Job) -> dict:
         "memory": memory_report(trace, model, config.modules),
         "load_average": os.getloadavg(),  # other processes on the machine skew the timings
     }
+
+
+QUALITY = ("edit_success", "generalization", "locality")
+
+
+def threads_per_job(parallel: int) -> int:
+    """Torch threads for each of ``parallel`` jobs sharing this machine's cores (0: torch's default, for one job)."""
+    return max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else 0
+
+
+def run_jobs(jobs: list[Job], parallel: int = 1, quiet: bool = True) -> list[dict]:
+    """``measure_method`` of every job, each in a freshly spawned process (its own memory peak, no state
+    shared), ``parallel`` at a time, results in the jobs' order. A job whose summary is already on disk
+    (``<out>/<method>.summary.json``) for the same world, method, settings, counts and source is reused, so an
+    interrupted benchmark resumes."""
+    source = source_digest()
+    identities = [job_identity(job, source) for job in jobs]
+    results: list[dict | None] = [None] * len(jobs)
+    pending = []
+    for index, job in enumerate(jobs):
+        saved = Path(job.out) / f"{job.method}.summary.json"
+        summary = json.loads(saved.read_text()) if saved.exists() else {}
+        if summary.get("job") == identities[index]:
+            results[index] = summary["result"]
+        else:
+            pending.append(index)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max(1, parallel), mp_context=context) as pool:
+        futures = {pool.submit(measure_method, jobs[index]): index for index in pending}
+        for future in concurrent.futures.as_completed(futures):
+            index, job = futures[future], jobs[futures[future]]
+            results[index] = future.result()
+            (Path(job.out) / f"{job.method}.summary.json").write_text(
+                json.dumps({"job": identities[index], "result": results[index]}))
+            if not quiet:
+                final = results[index]["by_count"][-1]["final"]
+                print(f"{job.out} {job.method}: " + ", ".join(f"{k} {final[k]:.3f}" for k in QUALITY if final[k] is not None))
+    return results
+
+
+def job_identity(job: Job, source: str) -> dict:
+    """What makes two runs the same: the world's key, the method, its settings, the edit counts and the
+    ``kdpo`` source digest."""
+    world_info = json.loads((Path(job.world) / "world.json").read_text())
+    return {"world": world_info.get("key"), "method": job.method, "overrides": job.overrides,
+            "counts": list(job.counts), "device": job.device, "dtype": job.dtype, "source": source}

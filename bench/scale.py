@@ -118,7 +118,7 @@ def run_scaled(args: argparse.Namespace) -> dict:
     compare_args = argparse.Namespace(
         edits_file=None, world=str(world.path), edits=args.edits, methods=args.methods, world_set=None, set=args.set,
         device=args.device, dtype=args.dtype, name=name, out=args.out, tracking_uri=None, artifact_root=None,
-        no_mlflow=True, quiet=args.quiet)
+        no_mlflow=True, jobs=1, quiet=args.quiet)
     return run(compare_args)
 
 

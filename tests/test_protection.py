@@ -200,7 +200,7 @@ def test_soft_memory_woodbury_updates_equal_the_direct_solve():
         subspace.add_soft_keys(keys, weight, ridge)
         projected = subspace.project(keys).double()
         gram += weight * projected.T @ projected
-    assert torch.allclose(subspace.key_gram.double(), gram, atol=1e-4)
+    assert torch.allclose(subspace.key_gram.double(), gram, rtol=1e-3, atol=1e-3)  # G from a float32 inverse
     keys, delta = subspace.project(torch.randn(4, dim)), torch.randn(dim, 3)
     direct = torch.linalg.solve(keys.double().T @ keys.double() + gram + ridge * torch.eye(dim, dtype=torch.float64),
                                 keys.double().T @ (keys.double() @ delta.double()))

@@ -278,7 +278,7 @@ class Editor(ABC):
         """
         if not self._soft or projector is None or projector.soft_inverse is None:
             return restrict_to_keys(delta, keys)
-        return projector.fit_change(keys.float(), delta)
+        return projector.fit_change(keys, delta)
 
     @torch.no_grad()
     def _commit(self, deltas: list[torch.Tensor], projectors: list[ProtectedSubspace | None]) -> float:

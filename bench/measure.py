@@ -31,6 +31,7 @@ from kdpo.modeling import load_model
 from kdpo.world import model_corpus
 
 MB = 2**20
+QUALITY = ("edit_success", "generalization", "locality")  # what run_jobs prints of a finished run
 PEAK_FORMULA = "peak RSS (VmHWM) of the method's own process minus its RSS after imports, before the model was loaded"
 BUDGET_FORMULA = (
     "bytes of the model's parameters and buffers + 4 x the trained float32 deltas "
@@ -216,9 +217,6 @@ def measure_method(job: Job) -> dict:
         "memory": memory_report(trace, model, config.modules),
         "load_average": os.getloadavg(),  # other processes on the machine skew the timings
     }
-
-
-QUALITY = ("edit_success", "generalization", "locality")
 
 
 def threads_per_job(parallel: int) -> int:

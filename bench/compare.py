@@ -73,7 +73,7 @@ def world_summary(world: World) -> dict:
         "path": str(world.path), "source": info["source"], "parameters": info["parameters"],
         "vocab_size": info["vocab_size"], "facts": info["facts"], "edit_requests": info["edits"],
         "recall": info["recall"], "recall_target": info["config"]["recall_target"],
-        "recall_reached": min(trained.values()) >= info["config"]["recall_target"],
+        "recall_reached": min(trained.values()) >= info["config"]["recall_target"] if trained else None,
         "epochs": info["epochs"], "build_seconds": info["seconds"], "cached": info.get("cached", False),
     }
 
@@ -228,7 +228,8 @@ def markdown(report: dict) -> str:
         f"World: `{world['source']}` -> {world['parameters']:,} parameters, vocabulary {world['vocab_size']:,}, "
         f"facts {world['facts']}, built in {world['build_seconds']} s ({world['epochs']} epochs).",
         f"Recall {recall}; target {world['recall_target']}: "
-        f"{'reached' if world['recall_reached'] else '**NOT reached**'}.",
+        f"{'reached' if world['recall_reached'] else '**NOT reached**'}." if world["recall"] else
+        "Recall not measured: the model is not a trained world.",
         f"Device {report['device']}, dtype {report['dtype']}, {report['machine']['torch_threads']} torch threads, "
         f"{report['machine']['cpus']} CPUs, torch {report['machine']['torch']}; code {report['git']}, "
         f"kdpo sources {', '.join(report['kdpo_source'])}"

@@ -64,7 +64,7 @@ def make_scaled_world(world: World, shape: str, out: Path, overrides: dict[str, 
     """Save a randomly initialised ``shape`` model with ``world``'s tokenizer, edits and corpus as a world
     directory at ``out`` (reused when it already holds the same shape, overrides and world)."""
     config = shape_config(shape, overrides)
-    vocab = json.loads((world.path / "world.json").read_text())["vocab_size"]
+    vocab = world.info["vocab_size"]
     if config.vocab_size < vocab:
         raise UsageError(f"--shape {shape}: vocabulary {config.vocab_size} is smaller than the world's tokenizer ({vocab})")
     identity = {"shape": shape, "overrides": dict(overrides or {}), "seed": seed, "world": world.info["key"]}
@@ -82,7 +82,7 @@ def make_scaled_world(world: World, shape: str, out: Path, overrides: dict[str, 
         "source": f"random-init {shape} ({', '.join(f'{k}={v}' for k, v in (overrides or {}).items()) or 'public sizes'}) "
                   f"with the tokenizer, edits and corpus of world {world.info['key']}; quality figures are meaningless",
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": config.vocab_size,
-        "recall": {"main": 0.0, "paraphrase": 0.0}, "epochs": 0, "seconds": 0.0,
+        "recall": {}, "recall_met": None, "epochs": 0, "seconds": 0.0,  # random weights: no recall to measure
     }
     info.pop("cached", None)
     info_path.write_text(json.dumps(info, indent=2))

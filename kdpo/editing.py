@@ -61,10 +61,13 @@ def protected_subspaces(
             "protection 'null-space' needs a corpus of text the model knows (a world has one; "
             "otherwise pass --protection-corpus FILE, or --set protection=none)"
         )
-    return [
-        ProtectedSubspace.from_key_covariance(covariance, config.null_space_threshold, config.null_space_rule)
-        for covariance in key_covariances(model, tokenizer, list(config.modules), corpus, progress=progress)
-    ]
+    subspaces = []
+    for covariance in key_covariances(model, tokenizer, list(config.modules), corpus, progress=progress):
+        subspace = ProtectedSubspace.from_key_covariance(covariance, config.null_space_threshold, config.null_space_rule)
+        if config.corpus_key_weight > 0 and config.edit_keys == "soft":  # the soft fit is where it counts
+            subspace.add_soft_covariance(covariance, config.corpus_key_weight, config.commit_ridge)
+        subspaces.append(subspace)
+    return subspaces
 
 
 def build_editor(

@@ -91,6 +91,21 @@ class ProtectedSubspace:
         inverse = self.soft_inverse - spread @ torch.linalg.solve(core, spread.T)
         self.soft_inverse = (inverse + inverse.T) / 2
 
+    def add_soft_covariance(self, covariance: torch.Tensor, weight: float, ridge: float = 1e-2) -> None:
+        """Start the soft memory from a whole key covariance K0^T K0 [dim, dim]: G = weight * P K0^T K0 P, the
+        corpus keys' energy the hard null space left unprotected, so every change is fitted around those keys
+        too (MEMIT's and AlphaEdit's preservation term). Must come before any :meth:`add_soft_keys`; one dim^3
+        inversion."""
+        if self.soft_inverse is not None:
+            raise ValueError("add_soft_covariance starts the soft memory; it already holds keys")
+        covariance = covariance.double().to(self.basis.device)
+        basis = self.basis.double()
+        side = covariance - (covariance @ basis) @ basis.T  # C P
+        projected = side - basis @ (basis.T @ side)  # P C P
+        eye = torch.eye(self.dim, dtype=projected.dtype, device=projected.device)
+        self.soft_inverse = torch.linalg.inv(weight * (projected + projected.T) / 2 + ridge * eye).float()
+        self.soft_ridge = ridge
+
     def fit_change(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The least-squares change X [dim, out] that keeps ``delta``'s effect on ``keys`` [n, dim] (projected)
         and disturbs the remembered keys least: min ||K X - K delta||^2 + tr(X^T G X) + ridge ||X||^2, i.e.

@@ -159,6 +159,7 @@ def test_weight_drift_is_recorded_per_edit(tiny_world, tiny_model, tiny_requests
         ({"null_space_rule": "median"}, "null_space_rule must be one of"),
         ({"null_space_threshold": "0"}, "null_space_threshold"),
         ({"delta_penalty": "-1"}, "delta_penalty"),
+        ({"corpus_key_weight": "-1"}, "corpus_key_weight"),
         ({"edit_keys": "firm"}, "edit_keys must be one of"),
         ({"minimal_change": "false"}, "needs minimal_change"),
     ],
@@ -209,3 +210,22 @@ def test_soft_memory_woodbury_updates_equal_the_direct_solve():
     assert torch.equal(restored.soft_inverse, subspace.soft_inverse) and restored.soft_ridge == ridge
     legacy = ProtectedSubspace.from_state_dict({"basis": subspace.basis, "key_gram": gram.float()}, ridge)  # G itself
     assert torch.allclose(legacy.soft_inverse, subspace.soft_inverse, rtol=1e-3, atol=1e-3)
+
+
+def test_corpus_covariance_starts_the_soft_memory_and_steers_the_fit_away_from_corpus_keys():
+    torch.manual_seed(0)
+    dim, ridge = 16, 1e-2
+    subspace = ProtectedSubspace(torch.linalg.qr(torch.randn(dim, 4)).Q)
+    corpus = torch.randn(40, dim) * torch.linspace(3.0, 0.1, dim)  # a few strong directions, a long tail
+    covariance = corpus.T @ corpus
+    subspace.add_soft_covariance(covariance, weight=0.5, ridge=ridge)
+    projector = torch.eye(dim) - subspace.basis @ subspace.basis.T
+    expected = 0.5 * projector @ covariance @ projector  # G = w P C P: the hard null space's span left out
+    assert torch.allclose(subspace.key_gram, expected, rtol=1e-3, atol=0.05)  # G from a float32 inverse
+    keys, delta = subspace.project(torch.randn(2, dim)), torch.randn(dim, 3)
+    plain = ProtectedSubspace(subspace.basis)
+    plain.add_soft_keys(torch.zeros(1, dim), 1.0, ridge)  # an empty soft memory
+    with_corpus, without = subspace.fit_change(keys, delta), plain.fit_change(keys, delta)
+    assert (corpus @ projector @ with_corpus).norm() < 0.5 * (corpus @ projector @ without).norm()
+    with pytest.raises(ValueError, match="already holds keys"):
+        subspace.add_soft_covariance(covariance, weight=0.5)

@@ -74,8 +74,14 @@ def test_world_from_an_edit_file_learns_its_true_facts(tmp_path, tiny_requests):
     for request in requests:
         assert answers[request.prompt] == request.ground_truth  # the true answer, never target_new
         assert all(answers[item.prompt] == item.ground_truth for item in request.locality)
+    names = [f.answer for f in training if f.kind == "name"]
+    learned = {f.answer for f in training if f.kind != "name"}
+    assert set(names) == {r.target_new for r in requests} - learned  # the names a pre-trained model would know
+    assert names and all(f.prompt == "" for f in training if f.kind == "name")
     world = build_world(WorldConfig(**MICRO), from_file=path, out=tmp_path / "w", progress=False)
     assert world.info["edits"] == 5 and world.info["source"] == str(path)
+    assert world.info["facts"]["name"] == len(names) and "name" not in world.info["recall"]
+    assert all(f"{name}." in (world.path / "corpus.txt").read_text() for name in names)
 
 
 def test_world_facts_from_shared_counterfact():

@@ -44,6 +44,7 @@ class EditorConfig:
     commit_ridge: float = 1e-2  # soft: ridge of the least-squares fit of the committed change
     minimal_change: bool = True  # commit only the part of the change the edit's own sequence uses
     delta_penalty: float = 0.0  # weight of sum ||D||^2 in the loss: the smallest change that makes the edit
+    corpus_key_weight: float = 0.0  # edit_keys soft: weight of each corpus key outside the null space in the fit
 
     def validate(self) -> None:
         if self.protection not in PROTECTIONS:
@@ -61,6 +62,8 @@ class EditorConfig:
                              "so it needs minimal_change true")
         if self.edit_key_weight <= 0 or self.commit_ridge <= 0:
             raise ValueError("edit_key_weight and commit_ridge must be > 0")
+        if self.corpus_key_weight < 0:
+            raise ValueError(f"corpus_key_weight must be >= 0, got {self.corpus_key_weight}")
         if self.delta_penalty < 0:
             raise ValueError(f"delta_penalty must be >= 0, got {self.delta_penalty}")
         if self.lr <= 0 or self.max_steps < 1:

@@ -34,6 +34,7 @@ from kdpo.requests import EditRequest, PromptAnswer
 
 DATA = Path(__file__).parent / "data"
 WORLD_FORMAT = 2  # bump when the build changes what a world directory holds
+FILE_WORLD_FORMAT = 3  # the same, for worlds built from an edit file (3: they learn the names edits target)
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -61,7 +62,8 @@ class WorldConfig:
 
 @dataclass(frozen=True)
 class TrainingFact:
-    """A (prompt, answer) the world learns; ``kind`` is main, paraphrase or locality."""
+    """A (prompt, answer) the world learns; ``kind`` is main, paraphrase, locality or name (a bare name, no
+    prompt: learned as text, not recalled as a fact)."""
 
     prompt: str
     answer: str
@@ -164,7 +166,11 @@ def request_facts(path: Path):
             if fact.prompt not in seen:  # one answer per prompt: the first one wins
                 seen.add(fact.prompt)
                 training.append(fact)
-    return training, [], requests
+    # A pre-trained model knows the names an edit asks for ("Harvard University"), even where it never saw
+    # them as this fact's answer; without them a multi-token target is a token chain the world never learned.
+    learned = {fact.answer for fact in training}
+    names = dict.fromkeys(r.target_new for r in requests if r.target_new not in learned)
+    return training + [TrainingFact("", name, "name") for name in names], [], requests
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -190,7 +196,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 def _recall(model, tokenizer, facts: list[TrainingFact]) -> dict[str, float]:
     """Share of facts whose every answer token is the argmax, per kind."""
     recall = {}
-    for kind in sorted({f.kind for f in facts}):
+    for kind in sorted({f.kind for f in facts if f.kind != "name"}):
         selected = [(f.prompt, f.answer) for f in facts if f.kind == kind]
         accuracies, _ = score_pairs(model, tokenizer, selected, batch_size=256)
         recall[kind] = sum(a == 1.0 for a in accuracies) / len(accuracies)
@@ -295,14 +301,14 @@ def corpus_lines(training: list[TrainingFact], config: WorldConfig) -> list[str]
     positions between facts (what the model generates after an answer), not only isolated prompts."""
     order = list(range(len(training)))
     random.Random(config.seed).shuffle(order)
-    facts = [f"{training[i].prompt} {training[i].answer}." for i in order]
+    facts = [f"{training[i].prompt} {training[i].answer}.".lstrip() for i in order]
     step = config.facts_per_sequence
     return [" ".join(facts[start : start + step]) for start in range(0, len(facts), step)]
 
 
-def world_key(source_files: list[Path], config: WorldConfig) -> str:
+def world_key(source_files: list[Path], config: WorldConfig, build_format: int = WORLD_FORMAT) -> str:
     """Cache key: the content of the fact sources, the build settings and the build format."""
-    digest = hashlib.sha256(json.dumps({"format": WORLD_FORMAT, "config": asdict(config)}, sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps({"format": build_format, "config": asdict(config)}, sort_keys=True).encode())
     for path in source_files:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
@@ -315,7 +321,7 @@ def build_world(
     """Build (or reuse from the cache) a world; returns it with its metadata (recall, timings)."""
     config = config or WorldConfig()
     sources = [Path(from_file)] if from_file else [DATA / "facts.csv", DATA / "relations.json"]
-    key = world_key(sources, config)
+    key = world_key(sources, config, FILE_WORLD_FORMAT if from_file else WORLD_FORMAT)
     target = Path(out) if out else cache_root() / key
     info_path = target / "world.json"
     if not force and info_path.exists() and json.loads(info_path.read_text()).get("key") == key:
@@ -328,7 +334,7 @@ def build_world(
         "key": key,
         "source": str(from_file) if from_file else "kdpo/world/data (shipped fact table)",
         "config": asdict(config),
-        "facts": {kind: sum(f.kind == kind for f in training) for kind in ("main", "paraphrase", "locality")},
+        "facts": {kind: sum(f.kind == kind for f in training) for kind in ("main", "paraphrase", "locality", "name")},
         "held_out_paraphrases": len(held_out),
         "edits": len(edits),
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -33,6 +33,7 @@ PROTECTIONS = ("null-space", "none")
 HEADLINE = ("edit_success", "generalization", "locality", "retention", "fluency")
 BAR = {"edit_success": 0.95, "generalization": 0.85, "locality": 0.90, "retention": 0.90}
 FLUENCY_TOLERANCE = 0.02  # relative to the pre-edit model
+SECONDS_PER_EDIT = 0.1  # per protected KDPO edit on the default world, 2 CPU cores
 
 
 def headline(summary: dict) -> dict:
@@ -91,6 +92,11 @@ def bar_checks(variants: dict, counts: tuple[int, ...]) -> list[dict]:
         change = abs(after - before) / before
         checks.append({"target": f"fluency within {FLUENCY_TOLERANCE:.0%} of the pre-edit model",
                        "measured": change, "met": change <= FLUENCY_TOLERANCE})
+    seconds = last["seconds_per_edit"]["mean"]
+    if seconds is not None:  # the speed target, with its ratio to unprotected FT-M of the same benchmark run
+        ft_m = variants.get("ft-m/none", {}).get(counts[-1], {}).get("seconds_per_edit", {}).get("mean")
+        checks.append({"target": f"seconds_per_edit <= {SECONDS_PER_EDIT}", "measured": seconds,
+                       "met": seconds <= SECONDS_PER_EDIT, "ratio_to_unprotected_ft_m": seconds / ft_m if ft_m else None})
     return checks
 
 
@@ -142,11 +148,17 @@ def markdown(report: dict) -> str:
     if report["bar"]:
         lines += ["## The bar (protected KDPO, default settings)", "", _md_table(
             ["target", "measured", "met"],
-            [[c["target"], f"{c['measured']:.3f}" if c["measured"] is not None else "-", "yes" if c["met"] else "NO"]
-             for c in report["bar"]]), ""]
+            [[c["target"], _measured(c), "yes" if c["met"] else "NO"] for c in report["bar"]]), ""]
     lines += ["Fluency: weighted 2/3-gram entropy of greedy generations; before editing: "
               + ", ".join(f"seed {w['seed']}: {w['fluency_before']:.3f}" for w in report["worlds"]), ""]
     return "\n".join(lines)
+
+
+def _measured(check: dict) -> str:
+    text = f"{check['measured']:.3f}" if check["measured"] is not None else "-"
+    if check.get("ratio_to_unprotected_ft_m"):
+        text += f" ({check['ratio_to_unprotected_ft_m']:.2f}x unprotected FT-M)"
+    return text
 
 
 def _cell(stat: dict) -> str:

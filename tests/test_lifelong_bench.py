@@ -1,6 +1,7 @@
 """Smoke test of the lifelong-editing benchmark on the tiny world (the real run is `python -m bench.lifelong`)."""
 import json
 
+import pytest
 from PIL import Image
 
 from bench.lifelong import main
@@ -35,5 +36,10 @@ def test_bar_is_checked_on_protected_kdpo_at_the_last_count():
                "retention": 0.96, "fluency_before": 3.62, "immediate": {"edit_success": 1.0}, "seconds_per_edit": 0.2}
     run = {"by_count": [summary], "multi_token": {"edits": 0, "edit_success": None}}
     variants = {"kdpo/null-space": summarize_variant([run], (100,))}
-    met = {check["target"].split()[0]: check["met"] for check in bar_checks(variants, (100,))}
-    assert met == {"edit_success": True, "generalization": False, "locality": True, "retention": True, "fluency": True}
+    checks = bar_checks(variants, (100,))
+    met = {check["target"].split()[0]: check["met"] for check in checks}
+    assert met == {"edit_success": True, "generalization": False, "locality": True, "retention": True, "fluency": True,
+                   "seconds_per_edit": False}
+    assert checks[-1]["ratio_to_unprotected_ft_m"] is None  # no unprotected FT-M in this run
+    variants["ft-m/none"] = summarize_variant([{**run, "by_count": [summary | {"seconds_per_edit": 0.08}]}], (100,))
+    assert bar_checks(variants, (100,))[-1]["ratio_to_unprotected_ft_m"] == pytest.approx(2.5)

@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     world = commands.add_parser("world", help="build the built-in knowledge world")
     world_commands = world.add_subparsers(dest="world_command", required=True, metavar="ACTION")
     build = world_commands.add_parser("build", help="pre-train the world model (cached by its inputs)")
-    build.add_argument("--from", dest="from_file", help="learn the true facts of this edit-request file instead")
+    build.add_argument("--from", dest="from_file",
+                       help="learn the true facts of this edit-request file instead (and, as text, the names its "
+                            "edits target)")
     build.add_argument("--out", help="write the world here (default: the cache, $KDPO_HOME/worlds/KEY)")
     build.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override one world setting, e.g. --set seed=1 --set max_facts=300")

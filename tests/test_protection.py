@@ -229,3 +229,13 @@ def test_corpus_covariance_starts_the_soft_memory_and_steers_the_fit_away_from_c
     assert (corpus @ projector @ with_corpus).norm() < 0.5 * (corpus @ projector @ without).norm()
     with pytest.raises(ValueError, match="already holds keys"):
         subspace.add_soft_covariance(covariance, weight=0.5)
+
+
+def test_corpus_key_weight_starts_the_soft_memory_of_every_module(tiny_world, tiny_model, tiny_requests):
+    model, tokenizer = tiny_model
+    corpus = tiny_world.corpus()
+    soft = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides={"corpus_key_weight": "1e-3"}), corpus)
+    assert all(subspace.soft_inverse is not None for subspace in soft.protected)
+    hard = make_config("kdpo", overrides={"corpus_key_weight": "1e-3", "edit_keys": "hard"})
+    assert all(subspace.soft_inverse is None for subspace in build_editor(model, tokenizer, "kdpo", hard, corpus).protected)
+    assert soft.edit(tiny_requests[0]).delta_norm > 0  # the fit commits a change around the corpus keys

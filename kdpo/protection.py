@@ -98,10 +98,7 @@ class ProtectedSubspace:
         inversion."""
         if self.soft_inverse is not None:
             raise ValueError("add_soft_covariance starts the soft memory; it already holds keys")
-        covariance = covariance.double().to(self.basis.device)
-        basis = self.basis.double()
-        side = covariance - (covariance @ basis) @ basis.T  # C P
-        projected = side - basis @ (basis.T @ side)  # P C P
+        projected = self.project(self.project(covariance.double().to(self.basis.device)).T)  # P C P (C symmetric)
         eye = torch.eye(self.dim, dtype=projected.dtype, device=projected.device)
         self.soft_inverse = torch.linalg.inv(weight * (projected + projected.T) / 2 + ridge * eye).float()
         self.soft_ridge = ridge

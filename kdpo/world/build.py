@@ -196,7 +196,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 def _recall(model, tokenizer, facts: list[TrainingFact]) -> dict[str, float]:
     """Share of facts whose every answer token is the argmax, per kind."""
     recall = {}
-    for kind in sorted({f.kind for f in facts if f.kind != "name"}):
+    for kind in sorted({f.kind for f in facts}):
         selected = [(f.prompt, f.answer) for f in facts if f.kind == kind]
         accuracies, _ = score_pairs(model, tokenizer, selected, batch_size=256)
         recall[kind] = sum(a == 1.0 for a in accuracies) / len(accuracies)
@@ -263,6 +263,7 @@ def train_world(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(step / total_steps, 1.0)))
     )
     checks, recall = [], {}
+    recalled = [f for f in training if f.kind != "name"]  # names are learned as text, not recalled as facts
     bar = tqdm(range(1, config.max_epochs + 1), desc="pre-training the world", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
@@ -276,11 +277,11 @@ def train_world(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if epoch % config.check_every == 0 or epoch == config.max_epochs:
             model.eval()
-            checked = random.Random(epoch).sample(training, min(len(training), 512))
+            checked = random.Random(epoch).sample(recalled, min(len(recalled), 512))
             recall = _recall(model, tokenizer, checked)  # a cheap look first: a full check costs about an epoch
             if min(recall.values()) >= config.recall_target or epoch == config.max_epochs:
-                checked = training
-                recall = _recall(model, tokenizer, training)
+                checked = recalled
+                recall = _recall(model, tokenizer, recalled)
             checks.append({"epoch": epoch, "loss": round(loss.item(), 4), "facts_checked": len(checked), **recall})
             if min(recall.values()) >= config.recall_target:
                 break

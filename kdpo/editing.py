@@ -76,11 +76,11 @@ def build_editor(
     corpus: list[str] | None = None, protected: list[ProtectedSubspace] | None = None,
 ) -> Editor:
     """An editor for ``method``, with its protected subspaces (given, e.g. by a checkpoint, or computed
-    from ``corpus``) where the config asks for them."""
+    from ``corpus``) where the config asks for them; the edit memory trains on ``corpus`` text too."""
     config = config or make_config(method)
     if protected is None and config.protection == "null-space":
         protected = protected_subspaces(model, tokenizer, config, corpus)
-    return EDITORS[method](model, tokenizer, config, protected)
+    return EDITORS[method](model, tokenizer, config, protected, corpus)
 
 
 @dataclass

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdpo.metrics import agreement, answer_predictions, mean, ngram_entropy, token_accuracy
-from kdpo.modeling import chunks, encode_pairs, load_model
+from kdpo.metrics import agreement, answer_predictions, exact_match, mean, ngram_entropy, token_accuracy
+from kdpo.modeling import answer_token_ids, chunks, encode_pairs, load_model
 from kdpo.requests import EditRequest
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # the most logits (as float32) one scoring forward pass may hold
@@ -17,8 +17,14 @@ PROTOCOL = {
     "locality": "share of teacher-forced argmax tokens on locality prompts unchanged from the pre-edit model (EasyEdit)",
     "portability": "teacher-forced token accuracy of the portability answers (EasyEdit)",
     "fluency": "weighted 2/3-gram entropy of a greedy generation from the edit prompt (EasyEdit weights 2/3, 4/3)",
+    "edit_success_exact": "greedy generation from the edit prompt, as many tokens as target_new has, equal to "
+                          "target_new's tokens: 1 or 0 (teacher forcing overstates edits, arXiv 2502.11177)",
+    "generalization_exact": "edit_success_exact on each rephrase prompt, averaged per request",
+    "locality_exact": "share of locality prompts whose greedy generation (as many tokens as the ground truth) "
+                      "is the pre-edit model's, token for token",
     "retention": "edit success of every edit but the last, measured after the last edit",
 }
+EXACT = ("edit_success_exact", "generalization_exact", "locality_exact")  # the generation-based metrics
 
 
 @dataclass
@@ -30,26 +36,33 @@ class RequestScores:
     locality: float | None = None
     portability: float | None = None
     fluency: float | None = None
+    edit_success_exact: float | None = None
+    generalization_exact: float | None = None
+    locality_exact: float | None = None
 
 
 @dataclass
 class Probe:
-    """What a model knows about a list of requests: scores, locality fingerprints, and its answers."""
+    """What a model knows about a list of requests: scores, locality fingerprints, its answers, and its
+    greedy token ids on the locality prompts (None in probes made before they were recorded)."""
 
     scores: list[RequestScores]
     locality_predictions: list[list[list[int]]]
     answers: list[str]
+    locality_generations: list[list[list[int]]] | None = None
 
     def to_dict(self) -> dict:
         return {
             "scores": [asdict(s) for s in self.scores],
             "locality_predictions": self.locality_predictions,
             "answers": self.answers,
+            "locality_generations": self.locality_generations,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Probe":
-        return cls([RequestScores(**s) for s in data["scores"]], data["locality_predictions"], data["answers"])
+        return cls([RequestScores(**s) for s in data["scores"]], data["locality_predictions"], data["answers"],
+                   data.get("locality_generations"))
 
 
 @torch.no_grad()
@@ -77,24 +90,38 @@ def score_pairs(
 
 
 @torch.no_grad()
+def greedy_token_ids(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], lengths: list[int],
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """The first ``lengths[i]`` greedy token ids after ``prompts[i]`` (left-padded batches, KV cache).
+
+    A batch decodes its longest length and each row keeps its own: greedy decoding's first tokens do not
+    depend on how many follow. A row that ended early is filled with pad ids, as ``generate`` fills it."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    rows: list[list[int]] = []
+    try:
+        for batch_prompts, batch_lengths in zip(chunks(prompts, batch_size), chunks(lengths, batch_size)):
+            encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(device)
+            generated = model.generate(
+                **encoded, max_new_tokens=max(batch_lengths), do_sample=False, use_cache=True, pad_token_id=pad
+            )
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :].tolist()
+            rows += [(row + [pad] * length)[:length] for row, length in zip(new_tokens, batch_lengths)]
+    finally:
+        tokenizer.padding_side = side
+    return rows
+
+
 def greedy_generate(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
     batch_size: int = 64,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches), without the prompt."""
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    texts: list[str] = []
-    try:
-        for batch_prompts in chunks(prompts, batch_size):
-            encoded = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(device)
-            generated = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-            texts += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return [text.strip() for text in texts]
+    rows = greedy_token_ids(model, tokenizer, prompts, [max_new_tokens] * len(prompts), batch_size)
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 def _flatten(requests: list[EditRequest]) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
@@ -120,6 +147,33 @@ def _score_requests(model, tokenizer, requests, batch_size):
     return grouped
 
 
+def _greedy_answers(model, tokenizer, requests, batch_size):
+    """Per request and kind: the greedy token ids from each edit, rephrase and locality prompt, as many as
+    that prompt's answer has."""
+    pairs, owners = _flatten(requests)
+    kept = [i for i, (_, kind) in enumerate(owners) if kind != "portability"]
+    lengths = [len(answer_token_ids(tokenizer, pairs[i][1])) for i in kept]
+    generated = greedy_token_ids(model, tokenizer, [pairs[i][0] for i in kept], lengths, batch_size)
+    grouped = [{"edit_success": [], "generalization": [], "locality": []} for _ in requests]
+    for i, ids in zip(kept, generated):
+        index, kind = owners[i]
+        grouped[index][kind].append(ids)
+    return grouped
+
+
+def _exact_scores(tokenizer, request, tokens, locality_before) -> dict[str, float | None]:
+    """A request's ``_exact`` metrics from its greedy token ids (``tokens``: one entry of ``_greedy_answers``);
+    locality_exact against the pre-edit model's locality tokens, None where those are None."""
+    target = answer_token_ids(tokenizer, request.target_new)
+    locality = None if locality_before is None else mean(
+        exact_match(after, before) for after, before in zip(tokens["locality"], locality_before, strict=True))
+    return {
+        "edit_success_exact": exact_match(tokens["edit_success"][0], target),
+        "generalization_exact": mean(exact_match(ids, target) for ids in tokens["generalization"]),
+        "locality_exact": locality,
+    }
+
+
 def _generations(model, tokenizer, requests, fluency_tokens: int, batch_size: int):
     """Greedy generations from the edit prompts and their fluency; empty and None when fluency_tokens is 0."""
     if fluency_tokens <= 0:
@@ -135,8 +189,10 @@ def probe(
     fluency_tokens: int = 24,
     batch_size: int = 64,
 ) -> Probe:
-    """The pre-edit baseline: scores, locality fingerprints, greedy answers and fluency."""
+    """The pre-edit baseline: scores, locality fingerprints (teacher-forced argmax and greedy tokens), greedy
+    answers and fluency."""
     grouped = _score_requests(model, tokenizer, requests, batch_size)
+    greedy = _greedy_answers(model, tokenizer, requests, batch_size)
     generations, fluencies = _generations(model, tokenizer, requests, fluency_tokens, batch_size)
     scores = [
         RequestScores(
@@ -145,10 +201,11 @@ def probe(
             locality=1.0 if g["locality"] else None,
             portability=mean(g["portability"]),
             fluency=fluency,
+            **_exact_scores(tokenizer, request, tokens, tokens["locality"]),  # locality_exact: 1.0 by definition
         )
-        for g, fluency in zip(grouped, fluencies)
+        for request, g, tokens, fluency in zip(requests, grouped, greedy, fluencies)
     ]
-    return Probe(scores, [g["locality"] for g in grouped], generations)
+    return Probe(scores, [g["locality"] for g in grouped], generations, [t["locality"] for t in greedy])
 
 
 def evaluate(
@@ -158,9 +215,13 @@ def evaluate(
     baseline_locality: list[list[list[int]]],
     fluency_tokens: int = 24,
     batch_size: int = 64,
+    baseline_generations: list[list[list[int]]] | None = None,
 ) -> list[RequestScores]:
-    """Score every request now; locality against the pre-edit fingerprints; fluency if fluency_tokens > 0."""
-    return evaluate_with_answers(model, tokenizer, requests, baseline_locality, fluency_tokens, batch_size)[0]
+    """Score every request now; locality against the pre-edit fingerprints, locality_exact against the pre-edit
+    greedy tokens (``Probe.locality_generations``; None: not measured); fluency if fluency_tokens > 0."""
+    return evaluate_with_answers(
+        model, tokenizer, requests, baseline_locality, fluency_tokens, batch_size, baseline_generations
+    )[0]
 
 
 def evaluate_with_answers(
@@ -170,16 +231,22 @@ def evaluate_with_answers(
     baseline_locality: list[list[list[int]]],
     fluency_tokens: int = 24,
     batch_size: int = 64,
+    baseline_generations: list[list[list[int]]] | None = None,
 ) -> tuple[list[RequestScores], list[str]]:
     """``evaluate``, plus the greedy generations from the edit prompts that fluency was measured on."""
     grouped = _score_requests(model, tokenizer, requests, batch_size)
+    greedy = _greedy_answers(model, tokenizer, requests, batch_size)
     generations, fluencies = _generations(model, tokenizer, requests, fluency_tokens, batch_size)
+    tokens_before = baseline_generations or [None] * len(requests)
     scores = []
-    for g, before, fluency in zip(grouped, baseline_locality, fluencies):
+    for request, g, tokens, before, locality_tokens_before, fluency in zip(
+        requests, grouped, greedy, baseline_locality, tokens_before, fluencies
+    ):
         locality = [agreement(b, a) for b, a in zip(before, g["locality"])]
-        scores.append(
-            RequestScores(g["edit_success"][0], mean(g["generalization"]), mean(locality), mean(g["portability"]), fluency)
-        )
+        scores.append(RequestScores(
+            g["edit_success"][0], mean(g["generalization"]), mean(locality), mean(g["portability"]), fluency,
+            **_exact_scores(tokenizer, request, tokens, locality_tokens_before),
+        ))
     return scores, generations
 
 
@@ -202,5 +269,6 @@ def compare_to_baseline(
     baseline = probe(base_model, base_tokenizer, requests)
     del base_model
     model, tokenizer = load_model(model_path, device, dtype)
-    after = evaluate(model, tokenizer, requests, baseline.locality_predictions)
+    after = evaluate(model, tokenizer, requests, baseline.locality_predictions,
+                     baseline_generations=baseline.locality_generations)
     return {"before": summarize(baseline.scores), "after": summarize(after)}

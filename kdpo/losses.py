@@ -92,3 +92,9 @@ def answer_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     label_logit = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     others = logits.scatter(-1, labels.clamp_min(0).unsqueeze(-1), float("-inf")).amax(-1)
     return (label_logit - others)[mask]
+
+
+def kl_to_reference(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) per position, averaged over the positions where ``mask`` is 1. [B, L, V], [B, L]."""
+    kl = (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp_min(1)

@@ -2,6 +2,7 @@
 
 - edit success / generalization / portability: teacher-forced token accuracy of the answer;
 - locality: share of teacher-forced argmax tokens on locality prompts unchanged from the pre-edit model;
+- the ``_exact`` variants: greedy generation of the answer's length, 1.0 only for the exact token ids;
 - fluency: weighted 2/3-gram entropy of a greedy generation (weights 2/3 and 4/3, log base 2).
 """
 from __future__ import annotations
@@ -35,6 +36,11 @@ def agreement(before: list[int], after: list[int]) -> float:
     if len(before) != len(after):
         raise ValueError("locality predictions must cover the same answer positions")
     return sum(a == b for a, b in zip(before, after)) / max(len(before), 1)
+
+
+def exact_match(generated: list[int], expected: list[int]) -> float:
+    """1.0 if the generated token ids are exactly the expected ones, else 0.0."""
+    return float(generated == expected)
 
 
 def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:

@@ -8,6 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from kdpo.memory import EditMemory
+
 transformers_logging.disable_progress_bar()  # our own bars say what is going on; weight loading is instant
 
 IGNORE = -100  # label value of positions that carry no answer token
@@ -29,7 +31,8 @@ def resolve_device(device: str) -> torch.device:
 def load_model(
     name_or_path: str | Path, device: str = "cpu", dtype: str = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load any Hugging Face causal LM (a local directory or, with network, a hub id)."""
+    """Load any Hugging Face causal LM (a local directory or, with network, a hub id), with the edit memory
+    saved beside it (see :mod:`kdpo.memory`)."""
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
@@ -40,7 +43,18 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.to(resolve_device(device))
     model.eval()
+    if Path(name_or_path).is_dir():
+        EditMemory.load(model, name_or_path)
     return model, tokenizer
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+    """Write the model as a Hugging Face directory, with its edit memory (if any) beside the weights."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    memory = EditMemory.of(model)
+    if memory is not None:
+        memory.save(directory)
 
 
 @dataclass

@@ -8,8 +8,9 @@ Pure: dicts in, files out. Three inputs, all written by this project:
   ``summary``): one radar series and one table row per method;
 * a list of refreshes (``tasks.dashboards.recent_refreshes``): the headline metrics over time.
 
-The radar's fluency axis is fluency divided by fluency before editing (1.0 = unchanged), so that every
-axis reads "higher is better, about 1 at best"; the tables give the raw values.
+Scores are the teacher-forced metrics and, beside them, the generation-based ``_exact`` ones. The radar's
+fluency axis is fluency divided by fluency before editing (1.0 = unchanged), so that every axis reads
+"higher is better, about 1 at best"; the tables give the raw values.
 """
 from __future__ import annotations
 
@@ -24,16 +25,18 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from kdpo.cli import HEADLINE, format_cell
-from kdpo.evaluation import RequestScores, first_sentence, summarize
+from kdpo.evaluation import EXACT, RequestScores, first_sentence, summarize
 
 DPI = 100
 LINE_STYLES = ("-", "--", ":", "-.")  # overlapping curves (all at 1.0, say) stay distinguishable
 MARKERS = ("o", "s", "^", "x", "D", "v", "P", "*")
 RADAR_SIZE = (6.0, 6.0)  # inches; at DPI, 600 x 600 pixels
 CURVE_SIZE = (9.0, 3.2)  # 900 x 320 pixels
+METRICS = (*HEADLINE, *EXACT)  # the teacher-forced headline metrics, then the generation-based ones
 LABELS = {
     "edit_success": "edit success", "generalization": "generalization", "locality": "locality",
-    "portability": "portability", "fluency": "fluency (÷ before)",
+    "portability": "portability", "fluency": "fluency (÷ before)", "edit_success_exact": "edit success (exact)",
+    "generalization_exact": "generalization (exact)", "locality_exact": "locality (exact)",
 }
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; padding: 0 1.5rem; max-width: 1100px; color: #1d232a; }
@@ -68,8 +71,8 @@ def input_kind(data) -> str:
 
 
 def radar_point(scores: dict, fluency_before: float | None) -> dict[str, float | None]:
-    """The radar's five values: the scores as they are, fluency relative to before editing."""
-    point = {metric: scores.get(metric) for metric in HEADLINE}
+    """The radar's values: the scores as they are, fluency relative to before editing."""
+    point = {metric: scores.get(metric) for metric in METRICS}
     fluency = scores.get("fluency")
     point["fluency"] = fluency / fluency_before if fluency is not None and fluency_before else None
     return point
@@ -100,7 +103,7 @@ def running_mean(values: list[float]) -> list[float]:
 
 def radar_png(series: dict[str, dict[str, float | None]], path: Path, title: str) -> Path:
     """A radar chart, one polygon per series, over the metrics any series has; missing points are gaps."""
-    metrics = [m for m in HEADLINE if any(point.get(m) is not None for point in series.values())]
+    metrics = [m for m in METRICS if any(point.get(m) is not None for point in series.values())]
     angles = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False).tolist()
     values = {name: [np.nan if p.get(m) is None else p[m] for m in metrics] for name, p in series.items()}
     top = max(1.0, np.nanmax([v for vs in values.values() for v in vs] + [0.0]))
@@ -162,13 +165,17 @@ def result_plots(result: dict, out_dir: Path) -> dict[str, Path]:
              "final edit success (held)": final_es,
              "retention of edits 0..i at the end": running_mean(final_es),
              "immediate generalization": [r["immediate"]["generalization"] for r in records],
-             "final generalization": [f["generalization"] for f in final]},
-            out_dir / "edits.png", "Edit held: right after its edit and after the last edit", "token accuracy",
+             "final generalization": [f["generalization"] for f in final],
+             "immediate edit success (exact)": [r["immediate"].get("edit_success_exact") for r in records],
+             "final edit success (exact)": [f.get("edit_success_exact") for f in final]},
+            out_dir / "edits.png", "Edit held: right after its edit and after the last edit", "score",
         ),
         "locality": curves_png(
             index,
             {"immediate locality": [r["immediate"]["locality"] for r in records],
-             "final locality": [f["locality"] for f in final]},
+             "final locality": [f["locality"] for f in final],
+             "immediate locality (exact)": [r["immediate"].get("locality_exact") for r in records],
+             "final locality (exact)": [f.get("locality_exact") for f in final]},
             out_dir / "locality.png", "Locality drift: locality prompts unchanged from before editing", "share",
         ),
         "drift": curves_png(
@@ -190,7 +197,7 @@ def bench_plots(bench: dict, out_dir: Path) -> dict[str, Path]:
 def compare_plots(refreshes: list[dict], out_dir: Path) -> dict[str, Path]:
     """Headline metrics over time (oldest first) and a radar of the last six refreshes."""
     points = [radar_point(r["summary"].get("final", {}), r["summary"].get("fluency_before")) for r in refreshes]
-    lines = {LABELS[m]: [p[m] for p in points] for m in HEADLINE if any(p[m] is not None for p in points)}
+    lines = {LABELS[m]: [p[m] for p in points] for m in METRICS if any(p[m] is not None for p in points)}
     lines["retention"] = [r["summary"].get("retention") for r in refreshes]
     trend = curves_png([r["started"] for r in refreshes], lines, out_dir / "trend.png",
                        "Headline metrics after each refresh's last edit", "score")
@@ -254,39 +261,42 @@ def render_result(result: dict, out_dir: Path, title: str | None = None) -> str:
     summary = result["summary"]
     plots = result_plots(result, out_dir)
     before = baseline_summary(result)
-    scores = [["before editing", *(before[m] for m in HEADLINE)]]
-    scores += [[schedule, *(summary[schedule][m] for m in HEADLINE)] for schedule in ("immediate", "final")]
+    scores = [["before editing", *(before[m] for m in METRICS)]]
+    scores += [[schedule, *(summary[schedule].get(m) for m in METRICS)] for schedule in ("immediate", "final")]
     costs = [[summary["retention"], summary["fluency_before"], summary["seconds_per_edit"], summary["steps_per_edit"],
               summary["reached_stop_rule"]]]
-    unmeasured = [LABELS[m] for m in HEADLINE if all(row[1 + HEADLINE.index(m)] is None for row in scores)]
+    unmeasured = [LABELS[m] for m in METRICS if all(row[1 + METRICS.index(m)] is None for row in scores)]
     sections = [
-        ("Summary", html_table(["schedule", *map(column, HEADLINE)], scores, "summary")
+        ("Summary", html_table(["schedule", *map(column, METRICS)], scores, "summary")
          + html_table(["retention", "fluency before", "s/edit", "steps/edit", "reached stop rule"], costs, "costs")
          + f"<p>{html.escape(result['schedule'])}</p>"),
         ("Radar", image_html(plots["radar"], "before editing, right after each edit (immediate), after the last edit "
                              "(final); fluency relative to before editing"
                              + (f"; not measured: {', '.join(unmeasured)}" if unmeasured else ""))),
         ("Per-edit curves", image_html(plots["edits"], "edit success and generalization of each edit right after it "
-                                       "and after the last edit; retention: share of edits 0..i still held at the end")
-         + image_html(plots["locality"], "locality of each edit's locality prompts right after the edit and at the end")
+                                       "and after the last edit, teacher-forced and exact (greedy generation); "
+                                       "retention: share of edits 0..i still held at the end")
+         + image_html(plots["locality"], "locality of each edit's locality prompts right after the edit and at the end, "
+                      "teacher-forced and exact")
          + image_html(plots["drift"], "norm of each edit's weight update; distance of each edited matrix from the "
                       "original where the result records it")),
         ("Before and after each edit", answers_table(result)),
         ("Settings", f"<pre>{html.escape(json.dumps(result['config'], indent=2))}</pre>"),
     ]
     title = title or f"Knowledge refresh: {summary['edits']} sequential edits with {summary['method']}"
-    return page(title, sections, "Scores are EasyEdit's metrics (see protocol in the result).")
+    return page(title, sections, "Scores are EasyEdit's teacher-forced metrics and their exact-match counterparts "
+                                 "on greedy generations (see protocol in the result).")
 
 
 def render_bench(bench: dict, out_dir: Path) -> str:
     """The HTML report of a benchmark: one row and one radar series per method."""
     plots = bench_plots(bench, out_dir)
     rows = [
-        [r["method"], r["summary"]["immediate"]["edit_success"], *(r["summary"]["final"].get(m) for m in HEADLINE),
+        [r["method"], r["summary"]["immediate"]["edit_success"], *(r["summary"]["final"].get(m) for m in METRICS),
          r["summary"]["retention"], r["summary"]["fluency_before"], r["summary"]["seconds_per_edit"]]
         for r in bench["rows"]
     ]
-    headers = ["method", "edit success immediate", *(f"{column(m)} final" for m in HEADLINE), "retention",
+    headers = ["method", "edit success immediate", *(f"{column(m)} final" for m in METRICS), "retention",
                "fluency before", "s/edit"]
     sections = [("Methods", html_table(headers, rows, "methods")),
                 ("Radar", image_html(plots["radar"], "final scores per method; fluency relative to before editing"))]
@@ -300,11 +310,11 @@ def render_compare(refreshes: list[dict], out_dir: Path) -> str:
     plots = compare_plots(refreshes, out_dir)
     rows = [
         [r["started"], r["name"], r.get("method"), r["summary"].get("edits"), r.get("model_version"),
-         *(r["summary"].get("final", {}).get(m) for m in HEADLINE), r["summary"].get("retention"),
+         *(r["summary"].get("final", {}).get(m) for m in METRICS), r["summary"].get("retention"),
          r["summary"].get("seconds_per_edit"), r["run_id"]]
         for r in refreshes
     ]
-    headers = ["started (UTC)", "run", "method", "edits", "version", *(f"{column(m)} final" for m in HEADLINE),
+    headers = ["started (UTC)", "run", "method", "edits", "version", *(f"{column(m)} final" for m in METRICS),
                "retention", "s/edit", "run id"]
     sections = [("Refreshes", html_table(headers, rows, "refreshes")),
                 ("Over time", image_html(plots["trend"], "final scores of each refresh; fluency relative to before")),

@@ -13,6 +13,18 @@ class PromptAnswer:
 
 
 @dataclass(frozen=True)
+class Fact:
+    """What an editor may read of a request: the prompt, its new answer and the old one where known.
+    Never evaluation data (rephrases, locality, portability)."""
+
+    case_id: str
+    subject: str
+    prompt: str
+    target_new: str
+    ground_truth: str | None = None
+
+
+@dataclass(frozen=True)
 class EditRequest:
     """One fact to change: make the model complete ``prompt`` with ``target_new``.
 
@@ -29,6 +41,11 @@ class EditRequest:
     rephrase_prompts: tuple[str, ...] = ()
     locality: tuple[PromptAnswer, ...] = ()
     portability: tuple[PromptAnswer, ...] = ()
+
+    @property
+    def fact(self) -> Fact:
+        """The part of the request an editor trains on."""
+        return Fact(self.case_id, self.subject, self.prompt, self.target_new, self.ground_truth)
 
     def to_dict(self) -> dict:
         """The project's JSONL record for this request."""

@@ -14,8 +14,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from kdpo.cli import HEADLINE
-from kdpo.report import ReportInputError, render_compare, render_result, write_report
+from kdpo.report import METRICS, ReportInputError, render_compare, render_result, write_report
 from tasks.tracking import flat_metrics
 
 RESULT_ARTIFACT = "edit/result.json"
@@ -119,13 +118,13 @@ def version_description(summary: dict, edits_path: str, decision: dict, run_id: 
     """The registered model version's description (Markdown): what was edited, the scores, the gates."""
     rows = "\n".join(
         f"| {schedule} | " + " | ".join("-" if summary[schedule].get(m) is None else f"{summary[schedule][m]:.3f}"
-                                       for m in HEADLINE) + " |"
+                                       for m in METRICS) + " |"
         for schedule in ("immediate", "final")
     )
     gates = ", ".join(f"{name} {'passed' if ok else 'FAILED'}" for name, ok in decision["checks"].items())
     return (
         f"{summary['edits']} sequential {summary['method']} edits from `{Path(edits_path).name}`.\n\n"
-        f"| schedule | {' | '.join(HEADLINE)} |\n|---|{'---|' * len(HEADLINE)}\n{rows}\n\n"
+        f"| schedule | {' | '.join(METRICS)} |\n|---|{'---|' * len(METRICS)}\n{rows}\n\n"
         f"Retention {summary['retention']:.3f}; fluency before editing {summary['fluency_before']:.3f}; "
         f"{summary['seconds_per_edit']:.2f} s/edit. Gates: {gates}. MLflow run `{run_id}`."
     )

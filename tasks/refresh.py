@@ -15,7 +15,7 @@ from data_checks import split_valid, validate_requests
 from kdpo.editing import (
     Checkpoint, SequentialResult, latest_checkpoint, load_checkpoint, make_config, run_sequential, save_checkpoint,
 )
-from kdpo.evaluation import Probe, probe, summarize
+from kdpo.evaluation import EXACT, Probe, probe, summarize
 from kdpo.loaders import load_requests, write_jsonl
 from kdpo.modeling import load_model
 from kdpo.requests import EditRequest
@@ -123,7 +123,8 @@ def apply_edits(
 
 @task(name="evaluate")
 def evaluate_refresh(summary: dict, parent_run_id: str, gates: dict) -> dict:
-    """Log the post-edit metrics against the baseline and decide the promotion gates."""
+    """Log the post-edit metrics against the baseline and decide the promotion gates (a minimum for each
+    teacher-forced and exact score, a maximum fluency drop; a score not measured counts as 0)."""
     final = summary["final"]
     fluency_drop = (summary["fluency_before"] or 0) - (final["fluency"] or 0)
     checks = {
@@ -131,6 +132,7 @@ def evaluate_refresh(summary: dict, parent_run_id: str, gates: dict) -> dict:
         "generalization": (final["generalization"] or 0) >= gates["min_generalization"],
         "locality": (final["locality"] or 0) >= gates["min_locality"],
         "fluency": fluency_drop <= gates["max_fluency_drop"],
+        **{metric: (final[metric] or 0) >= gates[f"min_{metric}"] for metric in EXACT},
     }
     with step_run("evaluate", parent_run_id, gates):
         mlflow.log_metrics(flat_metrics("eval", {**summary, "fluency_drop": fluency_drop}))
@@ -170,14 +172,15 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 
 def summary_markdown(summary: dict, registration: dict, run_id: str) -> str:
     """The Prefect flow-run artifact: the result table and where to find it in MLflow."""
+    metrics = ("edit_success", "generalization", "locality", "fluency", *EXACT)
     rows = "\n".join(
         f"| {schedule} | " + " | ".join(f"{summary[schedule][m]:.3f}" if summary[schedule][m] is not None else "-"
-                                       for m in ("edit_success", "generalization", "locality", "fluency")) + " |"
+                                       for m in metrics) + " |"
         for schedule in ("immediate", "final")
     )
     return (
         f"# Knowledge refresh: {summary['edits']} edits with {summary['method']}\n\n"
-        "| schedule | edit success | generalization | locality | fluency |\n|---|---|---|---|---|\n"
+        f"| schedule | {' | '.join(m.replace('_', ' ') for m in metrics)} |\n|---|{'---|' * len(metrics)}\n"
         f"{rows}\n\nRetention {summary['retention']:.3f}. MLflow run `{run_id}`; model version "
         f"{registration['version']} ({'champion' if registration['promoted'] else 'challenger only'}).\n"
         f"\n```json\n{json.dumps(registration)}\n```\n"

@@ -1,11 +1,20 @@
 """The one editor interface: every method is a loss plugged into the same optimisation loop.
 
-An edit trains a fresh additive change ``delta`` on the input side of each edited linear module
-(``y = W x + (P x)^T D``), so the model's own weights stay untouched until the edit is committed,
-protection (``P``, see :mod:`kdpo.protection`) is a projection, and a constraint (FT-L) is a clamp on ``D``.
+An edit lives in one of two places (``protection``):
+- ``memory`` (default): the subject's slot of the edit memory (:mod:`kdpo.memory`), a low-rank change that
+  acts only where the subject is mentioned; the base weights are never changed. The slot is trained on the
+  subject's facts, each also behind random corpus text, with the method's loss, plus a KL term that keeps
+  corpus text about the subject as the model without the slot predicts it.
+- the weights (``null-space`` or ``none``): a fresh additive change ``delta`` on the input side of each
+  edited linear module (``y = W x + (P x)^T D``) is trained and then committed; protection (``P``, see
+  :mod:`kdpo.protection`) is a projection, and a constraint (FT-L) is a clamp on ``D``.
+
+An editor reads only a request's :class:`~kdpo.requests.Fact` (subject, prompt, target_new, ground_truth),
+never its evaluation data.
 """
 from __future__ import annotations
 
+import random
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -14,12 +23,16 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdpo.losses import answer_margin
-from kdpo.modeling import TeacherForcedBatch, encode_pairs, forward_logits
+from kdpo.layers import find_module, input_output_dims
+from kdpo.losses import answer_margin, kl_to_reference
+from kdpo.memory import EditMemory, subject_patterns
+from kdpo.modeling import IGNORE, TeacherForcedBatch, encode_pairs, forward_logits
 from kdpo.protection import NULL_SPACE_RULES, ProtectedSubspace
-from kdpo.requests import EditRequest
+from kdpo.requests import EditRequest, Fact
 
-PROTECTIONS = ("none", "null-space")
+PROTECTIONS = ("memory", "null-space", "none")
+CONTEXT_COPIES = 2  # memory: each fact is also trained behind this many random corpus lines
+PRESERVED_TEXTS = 6  # memory: at most this many corpus lines about the subject are kept as they were
 OPTIMIZERS = ("adam", "sgd")
 EDIT_KEY_MODES = ("soft", "hard", "hard-then-soft")
 HARD_RESERVE = 0.1  # hard-then-soft: bar edits' keys until only this share of a module's key directions is free
@@ -34,7 +47,11 @@ class EditorConfig:
     optimizer: str = "adam"  # or "sgd" (momentum 0.9): keeps D in the span of the edit's own keys
     max_steps: int = 40
     stop_margin: float = 4.0
-    protection: str = "null-space"
+    protection: str = "memory"  # where an edit lives: "memory" (subject-gated slots), or the weights with
+    # "null-space" protection or "none"
+    memory_modules: tuple[str, ...] = ("layers.1.mlp.down_proj",)
+    memory_rank: int = 4
+    memory_preserve_weight: float = 1.0  # weight of the KL that keeps corpus text about the subject unchanged
     null_space_threshold: float = 1e-3  # energy rule: protect the directions holding 99.9% of K0's energy
     null_space_rule: str = "energy"  # or "relative": eigenvalue >= threshold x the largest
     protect_edit_keys: bool = True
@@ -68,8 +85,10 @@ class EditorConfig:
             raise ValueError(f"delta_penalty must be >= 0, got {self.delta_penalty}")
         if self.lr <= 0 or self.max_steps < 1:
             raise ValueError("lr must be > 0 and max_steps >= 1")
-        if not self.modules:
-            raise ValueError("modules must name at least one linear module to edit")
+        if not self.modules or not self.memory_modules:
+            raise ValueError("modules and memory_modules must name at least one linear module to edit")
+        if self.memory_rank < 1 or self.memory_preserve_weight < 0:
+            raise ValueError("memory_rank must be >= 1 and memory_preserve_weight >= 0")
 
 
 @dataclass
@@ -82,26 +101,6 @@ class EditOutcome:
     reached: bool
     delta_norm: float
     drift: dict[str, float] = field(default_factory=dict)  # per module: ||W - W_original||_F after the edit
-
-
-def find_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """The module whose qualified name ends with ``name``; a clear error if none or several do."""
-    matches = [(full, module) for full, module in model.named_modules() if full == name or full.endswith("." + name)]
-    if len(matches) != 1:
-        examples = [full for full, module in model.named_modules() if full.endswith(("down_proj", "c_proj"))][:4]
-        what = "no module" if not matches else f"{len(matches)} modules"
-        raise ValueError(f"{what} named {name!r} in this model; edit a linear layer such as {examples}")
-    module = matches[0][1]
-    if getattr(module, "weight", None) is None or module.weight.dim() != 2:
-        raise ValueError(f"module {name!r} has no 2-d weight; edit a linear layer")
-    return module
-
-
-def input_output_dims(module: torch.nn.Module) -> tuple[int, int]:
-    """(in, out) features of a linear module (nn.Linear or GPT-2's Conv1D)."""
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    return module.weight.shape[0], module.weight.shape[1]  # GPT-2's Conv1D stores (in, out)
 
 
 def restrict_to_keys(delta: torch.Tensor, keys: torch.Tensor, rank_tolerance: float = 1e-6) -> torch.Tensor:
@@ -159,11 +158,20 @@ class Editor(ABC):
         tokenizer: PreTrainedTokenizerBase,
         config: EditorConfig | None = None,
         protected: list[ProtectedSubspace] | None = None,
+        corpus: list[str] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or self.Config()
         self.config.validate()
-        self.modules = [find_module(model, name) for name in self.config.modules]
+        self.corpus = corpus or []
+        self.memory = None
+        if self.config.protection == "memory":
+            self.memory = EditMemory.attach(model, self.config.memory_modules, self.config.memory_rank)
+        elif EditMemory.of(model) is not None:
+            raise ValueError("this model carries an edit memory: edit it with protection 'memory', so that the "
+                             "memory's edits and weight edits do not overlap unseen")
+        self.modules = [find_module(model, name) for name in
+                        (self.config.memory_modules if self.memory else self.config.modules)]
         if self.config.protection == "null-space" and protected is None:
             raise ValueError("protection 'null-space' needs protected key subspaces (see kdpo.editing.protect)")
         self.protected = protected if self.config.protection == "null-space" else None
@@ -173,15 +181,16 @@ class Editor(ABC):
         self.original_weights = [module.weight.detach().clone() for module in self.modules]
 
     # --- what a method defines -------------------------------------------------------------
-    def begin_edit(self, request: EditRequest, batch: TeacherForcedBatch) -> None:
-        """Per-edit preparation (reference log-probs, fixed negatives). Runs without gradients."""
+    def begin_edit(self, facts: list[Fact], batch: TeacherForcedBatch) -> None:
+        """Per-edit preparation (reference log-probs, fixed negatives), given the fact of each row of
+        ``batch``. Runs without gradients."""
 
     @abstractmethod
     def edit_loss(self, logits: torch.Tensor, batch: TeacherForcedBatch) -> torch.Tensor:
         """The loss of the current step, from the positive sequence's logits."""
 
     def constrain(self, deltas: list[torch.Tensor]) -> None:
-        """Project the trained deltas back onto the method's feasible set after a step."""
+        """Project the trained weight deltas back onto the method's feasible set after a step."""
 
     # --- the shared loop -------------------------------------------------------------------
     def reached(self, logits: torch.Tensor, batch: TeacherForcedBatch) -> bool:
@@ -190,9 +199,113 @@ class Editor(ABC):
         return bool((margins > self.config.stop_margin).all()) if margins.numel() else True
 
     def edit(self, request: EditRequest) -> EditOutcome:
-        """Optimise until the stop rule holds (or ``max_steps``), then commit the change to the weights."""
+        """Make the model answer the request's prompt with its target: train the subject's memory slot, or
+        optimise a weight change until the stop rule holds (or ``max_steps``) and commit it."""
+        fact = request.fact  # all an editor reads of the request
+        if self.memory is not None:
+            return self._edit_memory(fact)
+        return self._edit_weights(fact)
+
+    # --- the edit memory ---------------------------------------------------------------------
+    def _edit_memory(self, fact: Fact) -> EditOutcome:
+        """Train the subject's slot on all its facts; a fact with the same case_id or prompt is replaced."""
         started = time.perf_counter()
-        batch = encode_pairs(self.tokenizer, [(request.prompt, request.target_new)], self.device)
+        slot = self.memory.slot_of(fact.subject)
+        if slot is None:
+            slot = self.memory.add_slot(fact.subject, subject_patterns(self.tokenizer, fact.subject))
+        kept = [f for f in self.memory.slots[slot].facts if f.case_id != fact.case_id and f.prompt != fact.prompt]
+        self.memory.slots[slot].facts = [*kept, fact]
+        return self._train_slot(slot, started)
+
+    def revert(self, case_id: str) -> bool:
+        """Take one edit back out of the memory: its slot is retrained from zero on the subject's other facts,
+        or dropped if it held no other. False if no slot holds ``case_id``."""
+        if self.memory is None:
+            raise ValueError("only edits in the edit memory can be reverted (protection 'memory')")
+        found = self.memory.find_fact(case_id)
+        if found is None:
+            return False
+        slot, fact = found
+        rest = [f for f in self.memory.slots[slot].facts if f.case_id != case_id]
+        if not rest:
+            self.memory.remove_slot(slot)
+            return True
+        self.memory.slots[slot].facts = rest
+        self.memory.reset_slot(slot)
+        self._train_slot(slot, time.perf_counter())
+        return True
+
+    def _train_slot(self, slot: int, started: float) -> EditOutcome:
+        facts = self.memory.slots[slot].facts
+        rows = self._training_rows(facts)
+        batch = encode_pairs(self.tokenizer, [(f.prompt, f.target_new) for f in rows], self.device)
+        preserved = self._preserved_text(facts)
+        if preserved is not None:  # one forward pass for both: the edit rows first, then the preserved text
+            joint = _stack(batch, preserved, self.tokenizer.pad_token_id)
+            batch = TeacherForcedBatch(joint.input_ids[: len(rows)], joint.attention_mask[: len(rows)],
+                                       joint.labels[: len(rows)])
+        else:
+            joint = batch
+        parameters = self.memory.trainable(slot)
+        losses: list[float] = []
+        try:
+            with torch.no_grad():
+                self.begin_edit(rows, batch)
+                if preserved is not None:
+                    with self.memory.muted(slot):
+                        reference = forward_logits(self.model, joint)[len(rows):].log_softmax(-1)
+            optimizer = torch.optim.Adam(parameters, lr=self.config.lr)
+            reached = False
+            for _ in range(self.config.max_steps):
+                logits = forward_logits(self.model, joint)
+                if self.reached(logits[: len(rows)], batch):
+                    reached = True
+                    break
+                loss = self.edit_loss(logits[: len(rows)], batch)
+                if preserved is not None and self.config.memory_preserve_weight:
+                    kl = kl_to_reference(logits[len(rows):].log_softmax(-1), reference, joint.attention_mask[len(rows):])
+                    loss = loss + self.config.memory_preserve_weight * kl
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            else:
+                with torch.no_grad():
+                    reached = self.reached(forward_logits(self.model, batch), batch)
+        finally:
+            self.memory.store()
+        return EditOutcome(len(losses), time.perf_counter() - started, losses, reached,
+                           self.memory.change_norm(slot), self.drift())
+
+    def _training_rows(self, facts: list[Fact]) -> list[Fact]:
+        """Each fact as asked, and behind ``CONTEXT_COPIES`` random corpus lines (seeded by its case_id), so
+        the slot's change holds wherever the subject appears in a longer text."""
+        rows = []
+        for fact in facts:
+            rows.append(fact)
+            if self.corpus:
+                draw = random.Random(fact.case_id)
+                rows += [Fact(fact.case_id, fact.subject, f"{draw.choice(self.corpus)} {fact.prompt}",
+                              fact.target_new, fact.ground_truth) for _ in range(CONTEXT_COPIES)]
+        return rows
+
+    def _preserved_text(self, facts: list[Fact]) -> TeacherForcedBatch | None:
+        """Up to ``PRESERVED_TEXTS`` corpus lines that mention the subject but none of the answers its facts
+        change: the subject's other facts, as the model knew them."""
+        subject = facts[0].subject.strip()
+        changed = [f.ground_truth for f in facts if f.ground_truth] + [f.target_new for f in facts]
+        lines = [line for line in self.corpus if subject in line and not any(answer in line for answer in changed)]
+        if not lines or not self.config.memory_preserve_weight:
+            return None
+        lines = random.Random(subject).sample(lines, min(PRESERVED_TEXTS, len(lines)))
+        encoded = self.tokenizer(lines, return_tensors="pt", padding=True, padding_side="right").to(self.device)
+        ids = encoded["input_ids"]
+        return TeacherForcedBatch(ids, encoded["attention_mask"], torch.full_like(ids, IGNORE))
+
+    # --- weight edits ------------------------------------------------------------------------
+    def _edit_weights(self, fact: Fact) -> EditOutcome:
+        started = time.perf_counter()
+        batch = encode_pairs(self.tokenizer, [(fact.prompt, fact.target_new)], self.device)
         projectors = self.protected or [None] * len(self.modules)
         deltas = [
             torch.zeros(input_output_dims(m)[0], input_output_dims(m)[1], device=self.device, requires_grad=True)
@@ -205,7 +318,7 @@ class Editor(ABC):
         losses: list[float] = []
         try:
             with torch.no_grad():
-                self.begin_edit(request, batch)
+                self.begin_edit([fact], batch)
             optimizer = (
                 torch.optim.Adam(deltas, lr=self.config.lr) if self.config.optimizer == "adam"
                 else torch.optim.SGD(deltas, lr=self.config.lr, momentum=0.9)
@@ -243,7 +356,7 @@ class Editor(ABC):
                 self.constrain(deltas)  # the method's feasible set holds for what is committed, too
         delta_norm = self._commit(deltas, projectors)
         if self.protected and self.config.protect_edit_keys:
-            self._protect_request_keys(request)
+            self._protect_edit_keys(fact)
         if self._soft:  # the fitted change may fall short of the trained one
             with torch.no_grad():
                 reached = self.reached(forward_logits(self.model, batch), batch)
@@ -295,11 +408,10 @@ class Editor(ABC):
         return total**0.5
 
     @torch.no_grad()
-    def _protect_request_keys(self, request: EditRequest) -> None:
-        """Remember the committed edit's keys (its prompt and every rephrase, at every target position), so
-        later edits leave this one alone: barred from their span (hard) or fitted around them (soft)."""
-        prompts = [request.prompt, *request.rephrase_prompts]
-        batch = encode_pairs(self.tokenizer, [(prompt, request.target_new) for prompt in prompts], self.device)
+    def _protect_edit_keys(self, fact: Fact) -> None:
+        """Remember the committed edit's keys (its prompt, at every target position), so later edits leave
+        this one alone: barred from their span (hard) or fitted around them (soft)."""
+        batch = encode_pairs(self.tokenizer, [(fact.prompt, fact.target_new)], self.device)
         mask = batch.answer_mask
         for subspace, inputs in zip(self.protected, module_inputs(self.model, self.modules, batch.input_ids,
                                                                    batch.attention_mask)):
@@ -308,3 +420,17 @@ class Editor(ABC):
                 subspace.add_soft_keys(inputs[mask], self.config.edit_key_weight, self.config.commit_ridge)
             else:
                 subspace.add_keys(inputs[mask])
+
+
+def _stack(first: TeacherForcedBatch, second: TeacherForcedBatch, pad: int) -> TeacherForcedBatch:
+    """Two right-padded batches as one, padded to the wider."""
+    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
+
+    def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    return TeacherForcedBatch(
+        torch.cat([widen(first.input_ids, pad), widen(second.input_ids, pad)]),
+        torch.cat([widen(first.attention_mask, 0), widen(second.attention_mask, 0)]),
+        torch.cat([widen(first.labels, IGNORE), widen(second.labels, IGNORE)]),
+    )

@@ -1,6 +1,6 @@
 """Standard DPO, the KDPO paper's ablation: the negative is the fixed old answer.
 
-The negative sequence is x + ground_truth (or, where the request has none, the pre-edit model's greedy
+The negative sequence is x + ground_truth for every trained row (or, where the request has none, the pre-edit model's greedy
 continuation of the prompt, as the paper's ``reg_dpo`` does), scored on its own tokens, with reference
 log-probs from one no-grad pass at the start of the edit. The positive NLL is added as in KDPO.
 """
@@ -28,9 +28,11 @@ class DPOEditor(Editor):
     name = "dpo"
     Config = DPOConfig
 
-    def begin_edit(self, request, batch):
-        old_answer = request.ground_truth or self._greedy_answer(request.prompt, int(batch.answer_mask.sum()))
-        self.rejected = encode_pairs(self.tokenizer, [(request.prompt, old_answer)], self.device)
+    def begin_edit(self, facts, batch):
+        lengths = batch.answer_mask.sum(-1).tolist()
+        pairs = [(fact.prompt, fact.ground_truth or self._greedy_answer(fact.prompt, int(length)))
+                 for fact, length in zip(facts, lengths)]
+        self.rejected = encode_pairs(self.tokenizer, pairs, self.device)
         self.reference_chosen = self._sequence_logprob(forward_logits(self.model, batch), batch.labels)
         self.reference_rejected = self._sequence_logprob(forward_logits(self.model, self.rejected), self.rejected.labels)
 

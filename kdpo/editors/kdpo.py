@@ -41,7 +41,7 @@ class KDPOEditor(Editor):
     name = "kdpo"
     Config = KDPOConfig
 
-    def begin_edit(self, request, batch):
+    def begin_edit(self, facts, batch):
         self.reference_logprobs = forward_logits(self.model, batch).log_softmax(-1)
 
     def edit_loss(self, logits, batch):

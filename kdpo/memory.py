@@ -1,0 +1,345 @@
+"""The edit memory: edits that live beside the base weights, each active only where its subject is.
+
+One *slot* per edited subject holds, for every edited module, a low-rank change ``x @ A_s @ B_s`` added to
+the module's output at every position at or after a mention of the subject; elsewhere the model is exactly
+the base model. A mention is a match of one of the subject's token sequences (``subject`` and
+``" " + subject`` as the tokenizer writes them) in ``input_ids``, found for the whole batch at once with
+rolling hashes (a loop over pattern lengths, never over tokens) and checked token by token.
+
+The gate follows a sequence through ``model.generate`` with a KV cache: the memory keeps each row's open
+slots and its last tokens between steps, so a subject seen in the prompt or in an earlier step keeps its
+slot open, and a subject whose tokens are generated across steps still opens it.
+
+Saved next to the Hugging Face files as ``edit_memory.safetensors`` (the A and B of every slot) and
+``edit_memory.json`` (modules, rank, and each slot's subject, token patterns and facts).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdpo.layers import find_module, input_output_dims
+from kdpo.requests import Fact
+
+MEMORY_FILES = ("edit_memory.json", "edit_memory.safetensors")
+HASH_BASE = 1_000_003  # < 2**20, so (hash * base + token id) stays inside int64 for any vocabulary below 2**20
+HASH_MODULUS = 4_398_046_511_093  # the largest prime below 2**42
+INIT_SCALE = 0.01  # A starts as N(0, INIT_SCALE^2) and B as zero, so a new slot changes nothing until trained
+
+
+@dataclass
+class Slot:
+    """An edited subject: its token patterns and the facts its change was trained on."""
+
+    subject: str
+    patterns: list[list[int]]
+    facts: list[Fact] = field(default_factory=list)
+
+
+@dataclass
+class _OpenSlots:
+    """The (row, slot) pairs whose gate is open in the current sequences, from absolute position ``start``."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    starts: torch.Tensor
+    past: int  # absolute position of the current forward pass's first token
+
+
+def window_hashes(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Polynomial hash of every window of ``length`` tokens: [B, T] -> [B, T - length + 1]."""
+    windows = ids.unfold(1, length, 1)
+    hashes = torch.zeros(windows.shape[:2], dtype=torch.long, device=ids.device)
+    for offset in range(length):
+        hashes = (hashes * HASH_BASE + windows[..., offset]) % HASH_MODULUS
+    return hashes
+
+
+def subject_patterns(tokenizer, subject: str) -> list[list[int]]:
+    """The token sequences that mention ``subject``: as written alone and after a space."""
+    patterns = []
+    for text in (subject.strip(), " " + subject.strip()):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ids and ids not in patterns:
+            patterns.append(ids)
+    return patterns
+
+
+class EditMemory:
+    """Subject-gated low-rank changes to the outputs of ``modules`` of ``model`` (see the module docstring).
+
+    ``attach`` makes one and hooks it into the model (``model.edit_memory``); the slot tensors grow by
+    doubling, so adding a slot is amortised O(1)."""
+
+    def __init__(self, model: torch.nn.Module, modules: tuple[str, ...], rank: int):
+        self.model, self.modules, self.rank = model, tuple(modules), rank
+        self.layers = [find_module(model, name) for name in self.modules]
+        self.dims = [input_output_dims(layer) for layer in self.layers]
+        device = next(model.parameters()).device
+        self.A = [torch.zeros(0, d_in, rank, device=device) for d_in, _ in self.dims]
+        self.B = [torch.zeros(0, rank, d_out, device=device) for _, d_out in self.dims]
+        self.slots: list[Slot] = []
+        self._slot_of: dict[str, int] = {}
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._open: _OpenSlots | None = None
+        self._tail: torch.Tensor | None = None  # each row's last tokens, for mentions that span decoding steps
+        self._training: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._muted: int | None = None
+        self.sequences_seen = 0
+        self.sequences_gated = 0
+        self._handles = [model.register_forward_pre_hook(self._gate_hook, with_kwargs=True)]
+        self._handles += [layer.register_forward_hook(self._change_hook(i)) for i, layer in enumerate(self.layers)]
+
+    # --- building ------------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, model: torch.nn.Module, modules: tuple[str, ...], rank: int) -> "EditMemory":
+        """The model's memory: the one it has (its modules and rank must match), else a new, empty one."""
+        memory = cls.of(model)
+        if memory is None:
+            memory = cls(model, modules, rank)
+            model.edit_memory = memory
+        elif (memory.modules, memory.rank) != (tuple(modules), rank):
+            raise ValueError(f"the model's edit memory has rank {memory.rank} on {list(memory.modules)}; the settings "
+                             f"ask for rank {rank} on {list(modules)}: use the memory's settings")
+        return memory
+
+    @staticmethod
+    def of(model: torch.nn.Module) -> "EditMemory | None":
+        return getattr(model, "edit_memory", None)
+
+    def detach(self) -> None:
+        """Remove the hooks: the model is the base model again."""
+        for handle in self._handles:
+            handle.remove()
+        if self.of(self.model) is self:
+            del self.model.edit_memory
+
+    def slot_of(self, subject: str) -> int | None:
+        return self._slot_of.get(subject.strip())
+
+    def add_slot(self, subject: str, patterns: list[list[int]]) -> int:
+        """A new, empty slot for ``subject`` (its change is zero until trained)."""
+        if not patterns:
+            raise ValueError(f"subject {subject!r} has no tokens to match")
+        index = len(self.slots)
+        if index == self.A[0].shape[0]:
+            capacity = max(8, 2 * index)
+            self.A = [torch.cat([a, a.new_zeros(capacity - index, *a.shape[1:])]) for a in self.A]
+            self.B = [torch.cat([b, b.new_zeros(capacity - index, *b.shape[1:])]) for b in self.B]
+        generator = torch.Generator().manual_seed(len(self.slots))
+        for a in self.A:
+            a[index] = (torch.randn(a.shape[1:], generator=generator) * INIT_SCALE).to(a.device)
+        for b in self.B:
+            b[index].zero_()
+        self.slots.append(Slot(subject.strip(), [list(p) for p in patterns]))
+        self._slot_of[subject.strip()] = index
+        self._tables = None
+        return index
+
+    def remove_slot(self, index: int) -> None:
+        """Drop a slot; the last slot takes its index."""
+        last = len(self.slots) - 1
+        for tensors in (self.A, self.B):
+            for t in tensors:
+                t[index] = t[last]
+                t[last].zero_()
+        del self._slot_of[self.slots[index].subject]
+        self.slots[index] = self.slots[last]
+        self.slots.pop()
+        if index < last:
+            self._slot_of[self.slots[index].subject] = index
+        self._tables = None
+
+    def reset_slot(self, index: int) -> None:
+        """Start a slot's change afresh (zero), as a new slot starts."""
+        generator = torch.Generator().manual_seed(index)
+        for a in self.A:
+            a[index] = (torch.randn(a.shape[1:], generator=generator) * INIT_SCALE).to(a.device)
+        for b in self.B:
+            b[index].zero_()
+
+    def find_fact(self, case_id: str) -> tuple[int, Fact] | None:
+        for index, slot in enumerate(self.slots):
+            for fact in slot.facts:
+                if fact.case_id == case_id:
+                    return index, fact
+        return None
+
+    # --- training --------------------------------------------------------------------------------
+    def trainable(self, index: int) -> list[torch.Tensor]:
+        """Copies of slot ``index``'s tensors that require grad; the gate uses them until ``store`` is called."""
+        a = [t[index].detach().clone().requires_grad_(True) for t in self.A]
+        b = [t[index].detach().clone().requires_grad_(True) for t in self.B]
+        self._training = (index, a, b)
+        return a + b
+
+    def store(self) -> None:
+        """Write the trained tensors back into their slot and end training."""
+        index, a, b = self._training
+        with torch.no_grad():
+            for target, trained in zip(self.A + self.B, a + b):
+                target[index] = trained.detach()
+        self._training = None
+
+    @contextmanager
+    def muted(self, index: int):
+        """The model with slot ``index``'s change off (what the slot's training preserves)."""
+        self._muted = index
+        try:
+            yield
+        finally:
+            self._muted = None
+
+    def change_norm(self, index: int) -> float:
+        """Frobenius norm of the slot's A @ B, summed in quadrature over modules."""
+        return float(sum((a[index] @ b[index]).square().sum() for a, b in zip(self.A, self.B)) ** 0.5)
+
+    # --- the gate --------------------------------------------------------------------------------
+    def _pattern_tables(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per pattern length: sorted hashes, their token rows and their slots."""
+        if self._tables is None:
+            by_length: dict[int, list[tuple[list[int], int]]] = {}
+            for index, slot in enumerate(self.slots):
+                for pattern in slot.patterns:
+                    by_length.setdefault(len(pattern), []).append((pattern, index))
+            device = self.A[0].device
+            self._tables = {}
+            for length, items in by_length.items():
+                tokens = torch.tensor([p for p, _ in items], dtype=torch.long, device=device)
+                hashes = window_hashes(tokens, length)[:, 0]
+                order = hashes.argsort()
+                slots = torch.tensor([s for _, s in items], dtype=torch.long, device=device)
+                self._tables[length] = (hashes[order], tokens[order], slots[order])
+        return self._tables
+
+    def mentions(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every subject mention in ``ids`` [B, T]: (row, position of its last token, slot)."""
+        rows, ends, slots = [], [], []
+        for length, (hashes, tokens, owners) in self._pattern_tables().items():
+            if ids.shape[1] < length:
+                continue
+            found = window_hashes(ids, length)
+            windows = ids.unfold(1, length, 1)
+            first = torch.searchsorted(hashes, found).clamp_max(len(hashes) - 1)
+            last = (torch.searchsorted(hashes, found, side="right") - 1).clamp_min(0)
+            # both ends of a run of equal hashes: a hash collision between two patterns cannot hide a match
+            for place, keep in ((first, None), (last, last != first)):
+                hit = hashes[place] == found
+                row, start = (hit if keep is None else hit & keep).nonzero(as_tuple=True)
+                candidate = place[row, start]
+                exact = (windows[row, start] == tokens[candidate]).all(-1)
+                rows.append(row[exact])
+                ends.append(start[exact] + length - 1)
+                slots.append(owners[candidate[exact]])
+        if not rows:
+            empty = torch.zeros(0, dtype=torch.long, device=ids.device)
+            return empty, empty, empty
+        return torch.cat(rows), torch.cat(ends), torch.cat(slots)
+
+    def _gate_hook(self, model, args, kwargs):
+        """Before every forward pass of the model: which slots are open in which rows, from which position."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or not self.slots:
+            self._open = None
+            return
+        past = self._past_length(kwargs)
+        continuing = past > 0 and self._open is not None and self._tail is not None and len(self._tail) == len(ids)
+        if continuing:
+            context, offset = torch.cat([self._tail, ids], 1), past - self._tail.shape[1]
+            previous = (self._open.rows, self._open.slots, self._open.starts)
+        else:
+            context, offset = ids, past
+            previous = None
+        row, end, slot = self.mentions(context)
+        end = end + offset
+        if previous is not None:
+            row, slot, end = torch.cat([previous[0], row]), torch.cat([previous[1], slot]), torch.cat([previous[2], end])
+        else:
+            self.sequences_seen += len(ids)
+            self.sequences_gated += len(torch.unique(row))
+        if len(row):  # the earliest opening of each (row, slot)
+            key = row * len(self.slots) + slot
+            unique, inverse = torch.unique(key, return_inverse=True)
+            first = torch.full((len(unique),), torch.iinfo(torch.long).max, dtype=torch.long, device=ids.device)
+            first = first.scatter_reduce(0, inverse, end, "amin")
+            row, slot, end = unique // len(self.slots), unique % len(self.slots), first
+        self._open = _OpenSlots(row, slot, end, past)
+        longest = max(len(p) for s in self.slots for p in s.patterns)
+        self._tail = context[:, max(0, context.shape[1] - (longest - 1)):] if longest > 1 else ids[:, :0]
+
+    @staticmethod
+    def _past_length(kwargs) -> int:
+        position = kwargs.get("cache_position")
+        if position is not None and position.numel():
+            return int(position[0])
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        return 0
+
+    def _change_hook(self, module_index: int):
+        def hook(module, args, output):
+            opened = self._open
+            if opened is None or not len(opened.rows):
+                return output
+            slots = opened.slots
+            a, b = self.A[module_index][slots], self.B[module_index][slots]  # [M, in, r], [M, r, out]
+            if self._training is not None:
+                index, trained_a, trained_b = self._training
+                training = (slots == index)[:, None, None]
+                a = torch.where(training, trained_a[module_index], a)
+                b = torch.where(training, trained_b[module_index], b)
+            if self._muted is not None:
+                b = b * (slots != self._muted)[:, None, None]
+            x = args[0]
+            positions = opened.past + torch.arange(x.shape[1], device=x.device)
+            open_at = (positions[None, :] >= opened.starts[:, None]).to(torch.float32)  # [M, T]
+            change = torch.bmm(torch.bmm(x[opened.rows].float(), a), b) * open_at[..., None]
+            return output.index_add(0, opened.rows, change.to(output.dtype))
+
+        return hook
+
+    # --- reporting and persistence -------------------------------------------------------------
+    def stats(self) -> dict:
+        """Slots, facts, bytes (float32 A and B of the slots in use) per slot and per fact, gate firing rate."""
+        per_slot = 4 * sum(d_in * self.rank + self.rank * d_out for d_in, d_out in self.dims)
+        facts = sum(len(s.facts) for s in self.slots)
+        return {
+            "slots": len(self.slots), "facts": facts, "rank": self.rank, "modules": list(self.modules),
+            "bytes": per_slot * len(self.slots), "bytes_per_edit": per_slot * len(self.slots) / facts if facts else None,
+            "sequences_seen": self.sequences_seen,
+            "gate_rate": self.sequences_gated / self.sequences_seen if self.sequences_seen else None,
+        }
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        count = len(self.slots)
+        tensors = {f"A.{i}": a[:count].contiguous().cpu() for i, a in enumerate(self.A)}
+        tensors |= {f"B.{i}": b[:count].contiguous().cpu() for i, b in enumerate(self.B)}
+        save_file(tensors, directory / MEMORY_FILES[1])
+        meta = {"format": 1, "modules": list(self.modules), "rank": self.rank,
+                "slots": [{"subject": s.subject, "patterns": s.patterns, "facts": [asdict(f) for f in s.facts]}
+                          for s in self.slots]}
+        (directory / MEMORY_FILES[0]).write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, model: torch.nn.Module, directory: str | Path) -> "EditMemory | None":
+        """Attach the memory saved in ``directory`` to ``model``; None if the directory has none."""
+        directory = Path(directory)
+        if not (directory / MEMORY_FILES[0]).exists():
+            return None
+        meta = json.loads((directory / MEMORY_FILES[0]).read_text())
+        tensors = load_file(directory / MEMORY_FILES[1])
+        memory = cls.attach(model, tuple(meta["modules"]), meta["rank"])
+        device = memory.A[0].device
+        memory.A = [tensors[f"A.{i}"].to(device) for i in range(len(memory.layers))]
+        memory.B = [tensors[f"B.{i}"].to(device) for i in range(len(memory.layers))]
+        for entry in meta["slots"]:
+            memory.slots.append(Slot(entry["subject"], entry["patterns"], [Fact(**f) for f in entry["facts"]]))
+            memory._slot_of[entry["subject"]] = len(memory.slots) - 1
+        return memory

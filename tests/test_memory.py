@@ -1,0 +1,185 @@
+"""The edit memory: the gate, edits that live in it, generation with a KV cache, padding, dtypes, GPT-2,
+persistence and reverting one edit."""
+import dataclasses
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from kdpo.editing import build_editor, make_config
+from kdpo.evaluation import score_pairs
+from kdpo.memory import EditMemory, subject_patterns
+from kdpo.modeling import load_model, save_model
+
+MEMORY = {"max_steps": "150"}
+
+
+def random_model(tokenizer, shape: str):
+    """A small randomly initialised Llama- or GPT-2-shaped model over the world's vocabulary."""
+    torch.manual_seed(0)
+    if shape == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+        return LlamaForCausalLM(config).eval(), "layers.1.mlp.down_proj"
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config).eval(), "h.1.mlp.c_proj"
+
+
+def memory_with_one_slot(model, tokenizer, module: str, subject: str) -> EditMemory:
+    """A memory holding one slot for ``subject`` with a large random change, so its effect is visible."""
+    memory = EditMemory.attach(model, (module,), rank=2)
+    slot = memory.add_slot(subject, subject_patterns(tokenizer, subject))
+    generator = torch.Generator().manual_seed(1)
+    for b in memory.B:
+        b[slot] = torch.randn(b.shape[1:], generator=generator) * 20
+    for a in memory.A:
+        a[slot] = torch.randn(a.shape[1:], generator=generator)
+    return memory
+
+
+def greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        logits = model(input_ids=ids, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
+    return ids
+
+
+def test_mentions_are_found_exactly_and_vectorised(tiny_world, tiny_requests, tiny_model):
+    model, tokenizer = tiny_model
+    memory = EditMemory.attach(model, ("layers.1.mlp.down_proj",), rank=2)
+    subjects = list(dict.fromkeys(r.subject for r in tiny_requests))[:20]
+    for subject in subjects:
+        memory.add_slot(subject, subject_patterns(tokenizer, subject))
+    texts = [f"Something about {subject} here" for subject in subjects] + ["no subject at all"]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    rows, ends, slots = memory.mentions(encoded["input_ids"])
+    found = {(int(r), int(s)) for r, s in zip(rows, slots)}
+    assert {(i, memory.slot_of(subject)) for i, subject in enumerate(subjects)} <= found
+    assert not any(int(r) == len(subjects) for r in rows)  # the last text mentions nobody
+    for row, end, slot in zip(rows.tolist(), ends.tolist(), slots.tolist()):
+        pattern = next(p for p in memory.slots[slot].patterns
+                       if encoded["input_ids"][row, end - len(p) + 1: end + 1].tolist() == p)
+        assert pattern  # every reported mention is the subject's tokens, ending where reported
+
+
+@pytest.mark.parametrize("method", ["kdpo", "dpo", "ft-m", "ft-l"])
+def test_memory_edit_changes_the_subject_only(tiny_world, tiny_requests, tiny_model, method):
+    model, tokenizer = tiny_model
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    request = next(r for r in tiny_requests
+                   if score_pairs(model, tokenizer, [(r.prompt, r.target_new)])[0] == [0.0])
+    other = next(r for r in tiny_requests if r.subject != request.subject and request.subject not in r.prompt)
+    encoded = tokenizer(other.prompt, return_tensors="pt")
+    before = model(**encoded).logits
+    editor = build_editor(model, tokenizer, method, make_config(method, overrides=MEMORY), tiny_world.corpus())
+    outcome = editor.edit(request)
+    assert outcome.reached and score_pairs(model, tokenizer, [(request.prompt, request.target_new)])[0] == [1.0]
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # base weights untouched
+    assert torch.equal(model(**encoded).logits, before)  # no mention, no change: exactly the base model
+
+
+def test_same_case_replaces_and_revert_takes_one_fact_back(tiny_world, tiny_requests, tiny_model):
+    model, tokenizer = tiny_model
+    by_subject = {}
+    for r in tiny_requests:
+        by_subject.setdefault(r.subject, []).append(r)
+    first, second = next(rs for rs in by_subject.values() if len(rs) >= 2)[:2]
+    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=MEMORY), tiny_world.corpus())
+    editor.edit(first)
+    editor.edit(second)
+    assert [f.case_id for f in editor.memory.slots[0].facts] == [first.case_id, second.case_id]
+    replacement = dataclasses.replace(first, target_new=second.target_new)
+    editor.edit(replacement)
+    assert [f.target_new for f in editor.memory.slots[0].facts] == [second.target_new, second.target_new]
+    assert editor.revert(first.case_id) and len(editor.memory.slots) == 1
+    assert score_pairs(model, tokenizer, [(second.prompt, second.target_new)])[0] == [1.0]
+    assert editor.revert(second.case_id) and len(editor.memory.slots) == 0
+    assert not editor.revert("no-such-case")
+
+
+def test_editor_reads_no_evaluation_fields(tiny_world, tiny_requests):
+    """Blanking rephrases, locality and portability leaves the edited state bit-identical."""
+    requests = tiny_requests[:3]
+    blank = [dataclasses.replace(r, rephrase_prompts=(), locality=(), portability=()) for r in requests]
+    for protection in ("memory", "null-space"):
+        states = []
+        for batch in (requests, blank):
+            model, tokenizer = load_model(tiny_world.path)
+            editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides={"protection": protection}),
+                                  tiny_world.corpus())
+            for request in batch:
+                editor.edit(request)
+            memory = EditMemory.of(model)
+            states.append([*(p.detach() for p in model.parameters()), *(memory.A + memory.B if memory else [])])
+        assert all(torch.equal(a, b) for a, b in zip(*states)), protection
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt2"])
+def test_generate_with_kv_cache_keeps_the_gate_open(tiny_world, shape):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.path)
+    model, module = random_model(tokenizer, shape)
+    subject = "Lionel Messi"
+    memory_with_one_slot(model, tokenizer, module, subject)
+    ids = tokenizer(f"Some words and then {subject} plays", return_tensors="pt")["input_ids"]
+    cached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(cached, greedy_without_cache(model, ids, 6))
+    # a subject whose tokens arrive across decoding steps opens its slot too
+    pattern = subject_patterns(tokenizer, subject)[1]
+    prefix = tokenizer("The name is", return_tensors="pt")["input_ids"]
+    forced = torch.cat([prefix, torch.tensor([pattern])], 1)
+    full = model(input_ids=forced, use_cache=False).logits[:, -1]
+    out = model(input_ids=forced[:, :-1], use_cache=True)
+    stepped = model(input_ids=forced[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+    EditMemory.of(model).detach()
+    assert not torch.allclose(model(input_ids=forced).logits[:, -1], full, atol=1e-3)  # the slot did act
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches_match_single_rows(tiny_world, shape, side):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.path)
+    model, module = random_model(tokenizer, shape)
+    memory_with_one_slot(model, tokenizer, module, "Lionel Messi")
+    texts = ["Lionel Messi plays for", "A much longer sentence where Lionel Messi appears late", "nobody here"]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side=side)
+    batched = model(**encoded).logits
+    for row, text in enumerate(texts):
+        single = model(**tokenizer(text, return_tensors="pt")).logits[0]
+        real = encoded["attention_mask"][row].bool()
+        torch.testing.assert_close(batched[row][real], single, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_model_runs_the_memory(tiny_world, tiny_requests):
+    model, tokenizer = load_model(tiny_world.path, dtype="bfloat16")
+    request = tiny_requests[0]
+    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=MEMORY), tiny_world.corpus())
+    editor.edit(request)
+    logits = model(**tokenizer(request.prompt, return_tensors="pt")).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_memory_is_saved_and_loaded_with_the_model(tiny_world, tiny_requests, tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo"), tiny_world.corpus())
+    for request in tiny_requests[:3]:
+        editor.edit(request)
+    save_model(model, tokenizer, tmp_path / "edited")
+    loaded, _ = load_model(tmp_path / "edited")
+    prompts = tokenizer([r.prompt for r in tiny_requests[:3]], return_tensors="pt", padding=True)
+    assert torch.equal(loaded(**prompts).logits, model(**prompts).logits)
+    memory = EditMemory.of(loaded)
+    assert [s.subject for s in memory.slots] == [s.subject for s in editor.memory.slots]
+    assert memory.stats()["facts"] == 3 and memory.stats()["bytes_per_edit"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_memory_on_cuda(tiny_world, tiny_requests):
+    model, tokenizer = load_model(tiny_world.path, device="cuda")
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=MEMORY), tiny_world.corpus())
+    assert editor.edit(tiny_requests[0]).reached

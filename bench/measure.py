@@ -24,7 +24,7 @@ import torch
 
 import kdpo
 from kdpo.editing import EditRecord, SequentialResult, make_config, run_sequential
-from kdpo.editors.base import find_module
+from kdpo.layers import find_module
 from kdpo.evaluation import evaluate, probe
 from kdpo.loaders import load_requests
 from kdpo.modeling import load_model
@@ -186,7 +186,8 @@ def measure_method(job: Job) -> dict:
             trace.end_phase("edits")  # edits 2..counts[0] with their immediate evaluations, before any other
         if count in counts[:-1]:
             started, cpu_started = time.perf_counter(), time.process_time()
-            final = evaluate(model, tokenizer, requests[:count], baseline.locality_predictions[:count], job.fluency_tokens)
+            final = evaluate(model, tokenizer, requests[:count], baseline.locality_predictions[:count], job.fluency_tokens,
+                             baseline_generations=baseline.locality_generations[:count])
             checkpoints[count] = (final, time.perf_counter() - started, time.process_time() - cpu_started)
         last_edit[0], cpu["since"] = time.perf_counter(), time.process_time()
 

@@ -1,5 +1,6 @@
 """``knowledge_refresh``: validate data -> probe baseline -> sequential edits -> evaluate -> register.
 
+``revert`` takes earlier edits back out of the starting model's edit memory before the new ones go in.
 One MLflow parent run per flow run (tagged with the Prefect flow-run id), a nested run per step.
 By default a refresh starts from ``models:/NAME@champion``, or from the built-in world on the first run.
 The world build and the baseline probe are Prefect tasks cached by their inputs. A refresh works in
@@ -23,7 +24,8 @@ from prefect.runtime import flow_run
 from tasks.caching import refresh_work_dir
 from tasks.dashboards import refresh_run_name, report_markdown, report_refresh, version_description
 from tasks.refresh import (
-    apply_edits, evaluate_refresh, log_probe, probe_baseline, register_model, summary_markdown, validate_edits,
+    apply_edits, evaluate_refresh, log_probe, probe_baseline, register_model, revert_edits, summary_markdown,
+    validate_edits,
 )
 from tasks.world import cached_world
 
@@ -64,6 +66,7 @@ def knowledge_refresh(
     quarantine: bool = False,
     gates: dict | None = None,
     checkpoint_every: int = 25,
+    revert: list[str] | None = None,
 ) -> dict:
     """Refresh a model's knowledge from an edit file and register the result (see module docstring)."""
     logger = get_run_logger()
@@ -76,12 +79,14 @@ def knowledge_refresh(
     gates = DEFAULT_GATES | (gates or {})
     model_dir = starting_model(model, model_name)
     edits_path = edits_path or str(Path(model_dir) / "edits.jsonl")
-    work_dir = refresh_work_dir(edits_path, model_dir, method, settings, limit, quarantine)
+    work_dir = refresh_work_dir(edits_path, model_dir, method, settings, limit, quarantine, revert)
     with mlflow.start_run(run_name=f"{model_name}: {method} edits from {Path(edits_path).name}") as parent:
         mlflow.set_tags({"prefect.flow_run_id": str(flow_run.get_id()), "kdpo.model_name": model_name})
         mlflow.log_params({"edits_path": edits_path, "model": model_dir, "method": method, "limit": limit,
                            "work_dir": str(work_dir)})
         parent_id = parent.info.run_id
+    if revert:  # edits taken back out of the starting model's memory before this refresh's edits
+        model_dir = revert_edits(model_dir, list(revert), parent_id, str(work_dir), method)
     requests = validate_edits(edits_path, parent_id, str(work_dir), quarantine)
     requests = requests[:limit] if limit else requests
     baseline = probe_baseline(model_dir, requests)
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns.db here)")
     parser.add_argument("--artifact-root", help="where a new experiment keeps artifacts (default: ./mlartifacts)")
     parser.add_argument("--checkpoint-every", type=int, default=25, help="save a resumable checkpoint every N edits")
+    parser.add_argument("--revert", nargs="+", metavar="CASE_ID",
+                        help="take these edits out of the starting model's edit memory first")
     args = parser.parse_args(argv)
     with temporary_settings({STARTUP: max(STARTUP.value(), 120)}):  # Prefect's default 20 s is short on a busy CPU
         result = knowledge_refresh(**vars(args))

@@ -8,6 +8,9 @@ Examples::
     kdpo edit --method ft-m --set lr=1e-3 --set protection=none --n 50 --json
     kdpo edit --model ./my-hf-model --edits counterfact.json --protection-corpus wiki.txt
     kdpo evaluate --model ./edited --baseline-model ./original --edits edits.jsonl
+    kdpo edit --n 20 --save edited/     # the edits live in edited/edit_memory.safetensors beside the weights
+    kdpo memory list --model edited/    # the edited subjects and their facts
+    kdpo memory remove CASE_ID --model edited/   # take one edit back (its slot is retrained without it)
     kdpo report result.json --out report/  # HTML report + PNG plots of a result (or of a benchmark's report.json)
     kdpo report RUN_ID                  # the same for a refresh run in MLflow
     kdpo report --compare --last 10     # the last 10 refreshes of the experiment, over time
@@ -151,7 +154,7 @@ def cmd_probe(args) -> int:
 
 def cmd_edit(args) -> int:
     from kdpo.editing import make_config, run_sequential
-    from kdpo.modeling import load_model
+    from kdpo.modeling import load_model, save_model
 
     overrides = dict(_split_setting(item) for item in args.set or [])
     config = make_config(args.method, args.config, overrides)
@@ -166,8 +169,7 @@ def cmd_edit(args) -> int:
     if args.output:
         result.write_json(args.output)
     if args.save:
-        model.save_pretrained(args.save)
-        tokenizer.save_pretrained(args.save)
+        save_model(model, tokenizer, args.save)
     if args.json:
         print(json.dumps(result.to_dict() if args.full else {"summary": result.summary(), "schedule": result.schedule,
                                                                "config": result.config}, indent=2))
@@ -180,9 +182,57 @@ def cmd_edit(args) -> int:
         print(f"null space of {module['module']}: {module['dim'] - module['protected_at_start']} of {module['dim']} "
               f"key directions free before editing, {module['free_at_end']} after; committed edits' keys "
               f"kept softly in {module['soft_memory_rank']} directions")
+    if result.memory:
+        memory = result.memory
+        print(f"edit memory: {memory['slots']} subjects, {memory['facts']} facts, "
+              f"{memory['bytes_per_edit'] / 1024:.1f} KiB per edit; a slot opened in "
+              f"{memory['gate_rate']:.0%} of the sequences of the final evaluation")
     if args.save:
         print(f"edited model saved to {args.save}")
     return 0
+
+
+def cmd_memory_list(args) -> int:
+    memory = _model_memory(args)[2]
+    rows = [[slot.subject, fact.case_id, fact.prompt, fact.target_new]
+            for slot in memory.slots for fact in slot.facts]
+    if args.json:
+        print(json.dumps({"stats": memory.stats(), "facts": [dict(zip(("subject", "case_id", "prompt", "target_new"), r))
+                                                              for r in rows]}, indent=2))
+        return 0
+    stats = memory.stats()
+    print(f"{stats['slots']} subjects, {stats['facts']} facts, rank {stats['rank']} on {', '.join(stats['modules'])}")
+    if rows:
+        print(format_table(["subject", "case_id", "prompt", "target_new"], rows))
+    return 0
+
+
+def cmd_memory_remove(args) -> int:
+    from kdpo.editing import build_editor, make_config
+    from kdpo.world import model_corpus
+
+    model, tokenizer, memory = _model_memory(args)
+    config = make_config(args.method, overrides={"memory_modules": ",".join(memory.modules),
+                                                 "memory_rank": str(memory.rank)})
+    editor = build_editor(model, tokenizer, args.method, config, model_corpus(args.model))
+    for case_id in args.case_ids:
+        if not editor.revert(case_id):
+            raise UsageError(f"{args.model}: no edit with case_id {case_id!r} in the edit memory (see kdpo memory list)")
+    memory.save(args.model)
+    print(f"removed {', '.join(args.case_ids)}; {len(memory.slots)} subjects remain in {args.model}")
+    return 0
+
+
+def _model_memory(args):
+    """The model of ``--model``, its tokenizer and its edit memory (a usage error if it has none)."""
+    from kdpo.memory import EditMemory
+    from kdpo.modeling import load_model
+
+    model, tokenizer = load_model(args.model, args.device)
+    memory = EditMemory.of(model)
+    if memory is None:
+        raise UsageError(f"{args.model} has no edit memory (edit_memory.safetensors)")
+    return model, tokenizer, memory
 
 
 def cmd_evaluate(args) -> int:
@@ -288,6 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save", help="save the edited model as a Hugging Face directory here")
     out.add_argument("--full", action="store_true", help="with --json: print the full result, not the summary")
     edit.set_defaults(handler=cmd_edit)
+
+    memory = commands.add_parser("memory", help="list or remove the edits a model's edit memory holds")
+    memory_commands = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
+    listing = memory_commands.add_parser("list", help="the edited subjects and their facts")
+    remove = memory_commands.add_parser("remove", help="take edits back: each subject's slot is retrained "
+                                        "without them (or dropped), and the memory is saved in place")
+    remove.add_argument("case_ids", nargs="+", metavar="CASE_ID")
+    remove.add_argument("--method", default="kdpo", choices=sorted(EDITORS),
+                        help="the loss that retrains a slot on its remaining facts (default kdpo)")
+    for command, handler in ((listing, cmd_memory_list), (remove, cmd_memory_remove)):
+        command.add_argument("--model", required=True, help="an edited model directory (kdpo edit --save)")
+        command.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+        command.add_argument("--json", action="store_true")
+        command.set_defaults(handler=handler)
 
     evaluate = commands.add_parser("evaluate", help="score an edited model against the model before editing")
     _add_model_options(evaluate)

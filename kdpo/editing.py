@@ -22,7 +22,7 @@ from kdpo.editors import EDITORS, Editor, EditorConfig
 from kdpo.evaluation import PROTOCOL, Probe, RequestScores, evaluate, evaluate_with_answers, probe, summarize
 from kdpo.keystats import key_covariances
 from kdpo.metrics import mean
-from kdpo.modeling import load_model
+from kdpo.modeling import load_model, save_model
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest
 
@@ -111,6 +111,7 @@ class SequentialResult:
     protocol: dict = field(default_factory=lambda: dict(PROTOCOL))
     answers: list[dict] = field(default_factory=list)  # per request: prompt, targets, greedy answer before/after
     protection: list[dict] = field(default_factory=list)  # per edited module: null-space size, key spectrum
+    memory: dict | None = None  # the edit memory after the last edit: slots, bytes per edit, gate firing rate
 
     def summary(self) -> dict:
         """Headline figures: immediate and final means, retention, fluency before/after, cost."""
@@ -126,6 +127,7 @@ class SequentialResult:
             "steps_per_edit": mean(r.steps for r in self.records),
             "reached_stop_rule": mean(float(r.reached) for r in self.records),
             "weight_drift": dict(self.records[-1].drift) if self.records else {},
+            "memory": self.memory,
         }
 
     def to_dict(self) -> dict:
@@ -178,12 +180,14 @@ def run_sequential(
         editor.original_weights = resume.original_weights  # drift stays measured from the unedited model
     records = list(resume.records) if resume else []
     protected_at_start = [subspace.rank for subspace in editor.protected or []]
+    locality_tokens = baseline.locality_generations  # None for probes made before they were recorded
     todo = range(len(records), len(requests))
     for index in tqdm(todo, desc=f"{method} edits", disable=not progress, unit="edit", initial=len(records),
                       total=len(requests)):
         request = requests[index]
         outcome = editor.edit(request)
-        immediate = evaluate(model, tokenizer, [request], [baseline.locality_predictions[index]], fluency_tokens=0)[0]
+        immediate = evaluate(model, tokenizer, [request], [baseline.locality_predictions[index]], fluency_tokens=0,
+                             baseline_generations=locality_tokens and [locality_tokens[index]])[0]
         record = EditRecord(
             index, request.case_id, outcome.steps, outcome.seconds, outcome.reached, outcome.delta_norm,
             outcome.losses, immediate, outcome.drift,
@@ -193,7 +197,10 @@ def run_sequential(
             on_edit(record)
         if on_checkpoint is not None and (len(records) % checkpoint_every == 0 or len(records) == len(requests)):
             on_checkpoint(Checkpoint(list(records), copy.deepcopy(editor.protected), editor.original_weights))
-    final, generations = evaluate_with_answers(model, tokenizer, requests, baseline.locality_predictions, fluency_tokens)
+    if editor.memory is not None:
+        editor.memory.reset_counters()  # the gate firing rate is reported for the final evaluation
+    final, generations = evaluate_with_answers(model, tokenizer, requests, baseline.locality_predictions,
+                                               fluency_tokens, baseline_generations=locality_tokens)
     answers = [
         {"case_id": r.case_id, "prompt": r.prompt, "ground_truth": r.ground_truth, "target_new": r.target_new,
          "before": before, "after": after}
@@ -202,6 +209,7 @@ def run_sequential(
     return SequentialResult(
         method, asdict(editor.config), records, final, baseline.scores, answers=answers,
         protection=protection_report(editor, protected_at_start),
+        memory=editor.memory.stats() if editor.memory else None,
     )
 
 
@@ -255,8 +263,7 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".writing-"))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    save_model(model, tokenizer, staging)
     torch.save({
         "protected": None if checkpoint.protected is None else [s.state_dict() for s in checkpoint.protected],
         "original_weights": checkpoint.original_weights,

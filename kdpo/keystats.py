@@ -88,7 +88,8 @@ def key_covariances(
 ) -> list[torch.Tensor]:
     """K0^T K0 (float32, [in, in]) of each named module's inputs at every non-pad position of ``corpus``,
     read from the on-disk cache when the same weights, modules and corpus were seen before."""
-    from kdpo.editors.base import find_module, input_output_dims, module_inputs
+    from kdpo.editors.base import module_inputs
+    from kdpo.layers import find_module, input_output_dims
 
     modules = [find_module(model, name) for name in module_names]
     digest = hashlib.sha256(weights_digest(model).encode())

@@ -10,23 +10,25 @@ The gate follows a sequence through ``model.generate`` with a KV cache: the memo
 slots and its last tokens between steps, so a subject seen in the prompt or in an earlier step keeps its
 slot open, and a subject whose tokens are generated across steps still opens it.
 
-Saved next to the Hugging Face files as ``edit_memory.safetensors`` (the A and B of every slot) and
-``edit_memory.json`` (modules, rank, and each slot's subject, token patterns and facts).
+Saved next to the Hugging Face files as ``edit_memory.safetensors``: the A and B of every slot, with the
+index (modules, rank, and each slot's subject, token patterns and facts) in the file's metadata.
 """
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kdpo.layers import find_module, input_output_dims
 from kdpo.requests import Fact
 
-MEMORY_FILES = ("edit_memory.json", "edit_memory.safetensors")
+MEMORY_FILE = "edit_memory.safetensors"
 HASH_BASE = 1_000_003  # < 2**20, so (hash * base + token id) stays inside int64 for any vocabulary below 2**20
 HASH_MODULUS = 4_398_046_511_093  # the largest prime below 2**42
 INIT_SCALE = 0.01  # A starts as N(0, INIT_SCALE^2) and B as zero, so a new slot changes nothing until trained
@@ -92,8 +94,8 @@ class EditMemory:
         self._muted: int | None = None
         self.sequences_seen = 0
         self.sequences_gated = 0
-        self._handles = [model.register_forward_pre_hook(self._gate_hook, with_kwargs=True)]
-        self._handles += [layer.register_forward_hook(self._change_hook(i)) for i, layer in enumerate(self.layers)]
+        self._handles: list = []
+        self.hook()
 
     # --- building ------------------------------------------------------------------------------
     @classmethod
@@ -102,7 +104,6 @@ class EditMemory:
         memory = cls.of(model)
         if memory is None:
             memory = cls(model, modules, rank)
-            model.edit_memory = memory
         elif (memory.modules, memory.rank) != (tuple(modules), rank):
             raise ValueError(f"the model's edit memory has rank {memory.rank} on {list(memory.modules)}; the settings "
                              f"ask for rank {rank} on {list(modules)}: use the memory's settings")
@@ -112,10 +113,19 @@ class EditMemory:
     def of(model: torch.nn.Module) -> "EditMemory | None":
         return getattr(model, "edit_memory", None)
 
+    def hook(self) -> None:
+        """Hook the memory into its model (``model.edit_memory``); a new memory is hooked already."""
+        if self._handles:
+            return
+        self._handles = [self.model.register_forward_pre_hook(self._gate_hook, with_kwargs=True)]
+        self._handles += [layer.register_forward_hook(self._change_hook(i)) for i, layer in enumerate(self.layers)]
+        self.model.edit_memory = self
+
     def detach(self) -> None:
-        """Remove the hooks: the model is the base model again."""
+        """Remove the hooks: the model is the base model again (``hook`` puts the memory back)."""
         for handle in self._handles:
             handle.remove()
+        self._handles = []
         if self.of(self.model) is self:
             del self.model.edit_memory
 
@@ -316,30 +326,37 @@ class EditMemory:
             "gate_rate": self.sequences_gated / self.sequences_seen if self.sequences_seen else None,
         }
 
+    def reset_counters(self) -> None:
+        """Start counting gate firings afresh (e.g. for the final evaluation only)."""
+        self.sequences_seen = self.sequences_gated = 0
+
     def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
+        """Write the memory into ``directory`` as one safetensors file (the slots' index in its metadata),
+        replaced atomically."""
         count = len(self.slots)
         tensors = {f"A.{i}": a[:count].contiguous().cpu() for i, a in enumerate(self.A)}
         tensors |= {f"B.{i}": b[:count].contiguous().cpu() for i, b in enumerate(self.B)}
-        save_file(tensors, directory / MEMORY_FILES[1])
-        meta = {"format": 1, "modules": list(self.modules), "rank": self.rank,
-                "slots": [{"subject": s.subject, "patterns": s.patterns, "facts": [asdict(f) for f in s.facts]}
-                          for s in self.slots]}
-        (directory / MEMORY_FILES[0]).write_text(json.dumps(meta))
+        index = {"format": 1, "modules": list(self.modules), "rank": self.rank,
+                 "slots": [{"subject": s.subject, "patterns": s.patterns, "facts": [asdict(f) for f in s.facts]}
+                           for s in self.slots]}
+        path = Path(directory) / MEMORY_FILE
+        save_file(tensors, path.with_suffix(".tmp"), metadata={"index": json.dumps(index)})
+        os.replace(path.with_suffix(".tmp"), path)
 
     @classmethod
     def load(cls, model: torch.nn.Module, directory: str | Path) -> "EditMemory | None":
         """Attach the memory saved in ``directory`` to ``model``; None if the directory has none."""
-        directory = Path(directory)
-        if not (directory / MEMORY_FILES[0]).exists():
+        path = Path(directory) / MEMORY_FILE
+        if not path.exists():
             return None
-        meta = json.loads((directory / MEMORY_FILES[0]).read_text())
-        tensors = load_file(directory / MEMORY_FILES[1])
-        memory = cls.attach(model, tuple(meta["modules"]), meta["rank"])
+        with safe_open(path, "pt") as handle:
+            index = json.loads(handle.metadata()["index"])
+        tensors = load_file(path)
+        memory = cls.attach(model, tuple(index["modules"]), index["rank"])
         device = memory.A[0].device
         memory.A = [tensors[f"A.{i}"].to(device) for i in range(len(memory.layers))]
         memory.B = [tensors[f"B.{i}"].to(device) for i in range(len(memory.layers))]
-        for entry in meta["slots"]:
+        for entry in index["slots"]:
             memory.slots.append(Slot(entry["subject"], entry["patterns"], [Fact(**f) for f in entry["facts"]]))
             memory._slot_of[entry["subject"]] = len(memory.slots) - 1
         return memory

@@ -276,8 +276,8 @@ def render_result(result: dict, out_dir: Path, title: str | None = None) -> str:
         ("Per-edit curves", image_html(plots["edits"], "edit success and generalization of each edit right after it "
                                        "and after the last edit, teacher-forced and exact (greedy generation); "
                                        "retention: share of edits 0..i still held at the end")
-         + image_html(plots["locality"], "locality of each edit's locality prompts right after the edit and at the end, "
-                      "teacher-forced and exact")
+         + image_html(plots["locality"], "locality of each edit's locality prompts right after the edit and at the "
+                      "end, teacher-forced and exact")
          + image_html(plots["drift"], "norm of each edit's weight update; distance of each edited matrix from the "
                       "original where the result records it")),
         ("Before and after each edit", answers_table(result)),

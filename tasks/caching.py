@@ -51,12 +51,15 @@ def probe_cache_key(context, parameters: dict) -> str:
 
 
 def refresh_work_dir(
-    edits_path: str, model_dir: str, method: str, settings: dict | None, limit: int | None, quarantine: bool
+    edits_path: str, model_dir: str, method: str, settings: dict | None, limit: int | None, quarantine: bool,
+    revert: list[str] | None = None,
 ) -> Path:
     """``$KDPO_HOME/refreshes/KEY``, created: the work directory of the refresh with these inputs (edit file
-    content, starting model files, method, settings, limit, quarantine), so a re-run after a crash resumes."""
+    content, starting model files, method, settings, limit, quarantine, edits reverted first), so a re-run after
+    a crash resumes."""
     inputs = {"edits": file_digest(edits_path), "model": directory_digest(model_dir), "method": method,
-              "settings": settings or {}, "limit": limit, "quarantine": quarantine}
+              "settings": settings or {}, "limit": limit, "quarantine": quarantine,
+              "revert": sorted(revert or [])}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root().parent / "refreshes" / key
     path.mkdir(parents=True, exist_ok=True)

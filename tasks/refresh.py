@@ -13,11 +13,13 @@ from prefect import task
 
 from data_checks import split_valid, validate_requests
 from kdpo.editing import (
-    Checkpoint, SequentialResult, latest_checkpoint, load_checkpoint, make_config, run_sequential, save_checkpoint,
+    Checkpoint, SequentialResult, build_editor, latest_checkpoint, load_checkpoint, make_config, run_sequential,
+    save_checkpoint,
 )
 from kdpo.evaluation import EXACT, Probe, probe, summarize
 from kdpo.loaders import load_requests, write_jsonl
-from kdpo.modeling import load_model
+from kdpo.memory import EditMemory
+from kdpo.modeling import load_model, save_model
 from kdpo.requests import EditRequest
 from kdpo.world import model_corpus
 from tasks.caching import probe_cache_key
@@ -106,19 +108,43 @@ def apply_edits(
             resume=resume, checkpoint_every=checkpoint_every, on_checkpoint=checkpoint,
         )
         edited = Path(work_dir) / "edited-model"
-        model.save_pretrained(edited)
-        tokenizer.save_pretrained(edited)
-        for carried in ("corpus.txt", "edits.jsonl"):  # what later refreshes protect, and their default edits
-            if (Path(model_dir) / carried).exists():
-                shutil.copy(Path(model_dir) / carried, edited / carried)
+        save_model(model, tokenizer, edited)
+        carry_model_files(model_dir, edited)
         if corpus is not None:  # the new facts join the corpus, so later refreshes protect them too
             with open(edited / "corpus.txt", "a") as handle:
-                handle.writelines(
-                    f"{prompt} {r.target_new}.\n" for r in requests for prompt in (r.prompt, *r.rephrase_prompts)
-                )
+                handle.writelines(f"{r.prompt} {r.target_new}.\n" for r in requests)
         result.write_json(Path(work_dir) / "result.json")
         mlflow.log_artifact(str(Path(work_dir) / "result.json"), "edit")
     return str(edited), result.summary()
+
+
+def carry_model_files(source: str | Path, target: Path) -> None:
+    """Copy the files a kdpo model carries beside its weights: the corpus later refreshes train and protect
+    with, and its default edits."""
+    for carried in ("corpus.txt", "edits.jsonl"):
+        if (Path(source) / carried).exists():
+            shutil.copy(Path(source) / carried, target / carried)
+
+
+@task(name="revert-edits")
+def revert_edits(model_dir: str, case_ids: list[str], parent_run_id: str, work_dir: str, method: str = "kdpo") -> str:
+    """Take edits back out of the starting model's edit memory (each subject's slot is retrained without
+    them); the model without them is what this refresh edits. An unknown case_id stops the refresh."""
+    model, tokenizer = load_model(model_dir)
+    memory = EditMemory.of(model)
+    if memory is None:
+        raise ValueError(f"{model_dir} has no edit memory to revert {case_ids} from")
+    config = make_config(method, overrides={"memory_modules": ",".join(memory.modules), "memory_rank": str(memory.rank)})
+    editor = build_editor(model, tokenizer, method, config, model_corpus(model_dir))
+    missing = [case_id for case_id in case_ids if not editor.revert(case_id)]
+    if missing:
+        raise ValueError(f"{model_dir}: no edit with case_id {', '.join(missing)} in its edit memory")
+    reverted = Path(work_dir) / "reverted-model"
+    save_model(model, tokenizer, reverted)
+    carry_model_files(model_dir, reverted)
+    with step_run("revert", parent_run_id, {"model": model_dir, "case_ids": ",".join(case_ids)}):
+        mlflow.log_metrics({"revert/edits": len(case_ids), "revert/slots": len(memory.slots)})
+    return str(reverted)
 
 
 @task(name="evaluate")

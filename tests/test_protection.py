@@ -5,7 +5,8 @@ import torch
 
 from kdpo.config import ConfigError
 from kdpo.editing import build_editor, make_config, run_sequential
-from kdpo.editors.base import find_module, module_inputs, restrict_to_keys
+from kdpo.editors.base import module_inputs, restrict_to_keys
+from kdpo.layers import find_module
 from kdpo.keystats import key_covariances, keystats_root, read_corpus
 from kdpo.modeling import encode_pairs
 from kdpo.protection import ProtectedSubspace

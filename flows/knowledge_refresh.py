@@ -29,9 +29,9 @@ from tasks.refresh import (
 )
 from tasks.world import cached_world
 
-DEFAULT_GATES = {
-    "min_edit_success": 0.9, "min_generalization": 0.0, "min_locality": 0.5, "max_fluency_drop": 0.5,
-    "min_edit_success_exact": 0.8, "min_generalization_exact": 0.0, "min_locality_exact": 0.0,
+DEFAULT_GATES = {  # a refresh is promoted only if its final scores (teacher-forced and exact) reach these
+    "min_edit_success": 0.95, "min_generalization": 0.8, "min_locality": 0.9, "max_fluency_drop": 0.5,
+    "min_edit_success_exact": 0.9, "min_generalization_exact": 0.7, "min_locality_exact": 0.9,
 }
 
 

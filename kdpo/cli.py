@@ -29,6 +29,7 @@ from kdpo.loaders import FORMATS, EditDataError, load_requests
 from kdpo.modeling import ModelLoadError
 
 HEADLINE = ("edit_success", "generalization", "locality", "portability", "fluency")
+TABLE = (*HEADLINE, "edit_success_exact", "generalization_exact", "locality_exact")  # with the generation-based ones
 
 
 class UsageError(Exception):
@@ -98,13 +99,13 @@ def format_cell(value) -> str:
 
 def summary_table(summaries: list[dict]) -> str:
     """One row per run: immediate and final headline metrics, retention, cost."""
-    headers = ["method", "edits", "schedule", *HEADLINE, "retention", "s/edit"]
+    headers = ["method", "edits", "schedule", *TABLE, "retention", "s/edit"]
     rows = []
     for s in summaries:
         for schedule in ("immediate", "final"):
             metrics = s[schedule]
             rows.append([
-                s["method"], s["edits"], schedule, *(metrics.get(m) for m in HEADLINE),
+                s["method"], s["edits"], schedule, *(metrics.get(m) for m in TABLE),
                 s["retention"] if schedule == "final" else None,
                 s["seconds_per_edit"] if schedule == "final" else None,
             ])
@@ -246,7 +247,7 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(format_table(["", *HEADLINE], [[k, *(v.get(m) for m in HEADLINE)] for k, v in summary.items()]))
+        print(format_table(["", *TABLE], [[k, *(v.get(m) for m in TABLE)] for k, v in summary.items()]))
     return 0
 
 

@@ -8,6 +8,7 @@ from prefect import Flow
 from prefect.client.schemas.schedules import CronSchedule
 
 from flows.inbox import refresh_inbox
+from gates import RELAXED
 from kdpo.loaders import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def test_inbox_archives_good_files_and_fails_bad_ones(tiny_world, tiny_requests,
         inbox=str(inbox), archive=str(tmp_path / "archive"), failed=str(tmp_path / "failed"),
         model=str(tiny_world.path), tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
         artifact_root=str(tmp_path / "artifacts"), model_name="inbox", settings={"max_steps": 150},
-        gates={"min_locality": 0.0, "max_fluency_drop": 10.0},
+        gates=RELAXED,
     )
     assert [Path(p).name.split("-", 1)[1] for p in outcome["archived"]] == ["a-good.jsonl"]
     assert len(outcome["failed"]) == 1 and Path(outcome["failed"][0]).name.endswith("b-bad.jsonl")
@@ -65,7 +66,7 @@ def test_evaluate_champion_scores_the_registered_champion(tiny_world, tmp_path):
     tracking = f"sqlite:///{tmp_path / 'mlruns.db'}"
     knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, model_name="scored",
                       artifact_root=str(tmp_path / "artifacts"), settings={"max_steps": 150},
-                      gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
+                      gates=RELAXED)
     scores = evaluate_champion(baseline_model=str(tiny_world.path), model_name="scored", tracking_uri=tracking,
                                limit=2)
     assert scores["after"]["edit_success"] == 1.0 > scores["before"]["edit_success"]

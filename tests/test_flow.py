@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from gates import RELAXED
 from conftest import TINY_WORLD
 from mlflow.tracking import MlflowClient
 from prefect import flow
@@ -21,7 +22,6 @@ from tasks.refresh import DataGateError
 import tasks.world
 from tasks.world import build_world_task, cached_world
 
-RELAXED = {"min_locality": 0.0, "max_fluency_drop": 10.0}
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def task_states(tracking: str, run_id: str) -> dict[str, str]:
 
 def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path):
     result = knowledge_refresh(model=str(tiny_world.path), limit=3, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="tiny",
-                               settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
+                               settings={"max_steps": 150}, gates=RELAXED)
     client = MlflowClient(tracking)
     parent = client.get_run(result["run_id"])
     assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["kdpo.model_version"] == result["version"]
@@ -74,7 +74,7 @@ def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path)
 
 def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking, tmp_path):
     first = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
-                              settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
+                              settings={"max_steps": 150}, gates=RELAXED)
     # no model given: the refresh starts from models:/gated@champion, the first refresh's edited model
     second = knowledge_refresh(edits_path=str(tiny_world.edits_path), limit=2, tracking_uri=tracking,
                                artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
@@ -105,7 +105,7 @@ def test_quarantine_edits_only_the_good_records(tiny_world, tiny_requests, track
         handle.write(json.dumps(tiny_requests[2].to_dict() | {"target_new": tiny_requests[2].ground_truth}) + "\n")
     result = knowledge_refresh(edits_path=str(edits), model=str(tiny_world.path), tracking_uri=tracking,
                                artifact_root=str(tmp_path / "artifacts"), model_name="quarantined", quarantine=True,
-                               settings={"max_steps": 150}, gates={"min_locality": 0.0, "max_fluency_drop": 10.0})
+                               settings={"max_steps": 150}, gates=RELAXED)
     assert result["summary"]["edits"] == 2
     client = MlflowClient(tracking)
     children = client.search_runs([client.get_run(result["run_id"]).info.experiment_id],

@@ -4,6 +4,7 @@ from dataclasses import asdict, fields
 
 import mlflow
 import pytest
+from gates import RELAXED
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -14,7 +15,6 @@ from kdpo.evaluation import probe
 from kdpo.modeling import load_model
 from kdpo.protection import ProtectedSubspace
 
-RELAXED = {"min_locality": 0.0, "max_fluency_drop": 10.0}
 
 
 class Interrupted(RuntimeError):

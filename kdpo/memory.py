@@ -257,6 +257,9 @@ class EditMemory:
         if ids is None or not self.slots:
             self._open = None
             return
+        if self.A[0].device != ids.device:  # the model was moved after the memory was made
+            self.A, self.B = [a.to(ids.device) for a in self.A], [b.to(ids.device) for b in self.B]
+            self._tables = None
         past = self._past_length(kwargs)
         continuing = past > 0 and self._open is not None and self._tail is not None and len(self._tail) == len(ids)
         if continuing:
@@ -297,6 +300,7 @@ class EditMemory:
             opened = self._open
             if opened is None or not len(opened.rows):
                 return output
+            x = args[0]
             slots = opened.slots
             a, b = self.A[module_index][slots], self.B[module_index][slots]  # [M, in, r], [M, r, out]
             if self._training is not None:
@@ -306,7 +310,6 @@ class EditMemory:
                 b = torch.where(training, trained_b[module_index], b)
             if self._muted is not None:
                 b = b * (slots != self._muted)[:, None, None]
-            x = args[0]
             positions = opened.past + torch.arange(x.shape[1], device=x.device)
             open_at = (positions[None, :] >= opened.starts[:, None]).to(torch.float32)  # [M, T]
             change = torch.bmm(torch.bmm(x[opened.rows].float(), a), b) * open_at[..., None]

@@ -19,7 +19,7 @@ def test_help_names_every_command(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for command in ("world", "probe", "edit", "evaluate"):
+    for command in ("world", "probe", "edit", "memory", "evaluate"):
         assert command in out
 
 
@@ -55,6 +55,25 @@ def test_edit_json_with_settings(tiny_world, capsys):
                        "--set", "protection=none", "--set", "lr=1e-3", "--json")
     document = json.loads(out)
     assert code == 0 and document["config"]["lr"] == 1e-3 and document["summary"]["edits"] == 2
+
+
+def test_memory_list_and_remove(tiny_world, tmp_path, capsys):
+    edited = tmp_path / "edited"
+    code, out, _ = run(capsys, "edit", "--model", tiny_world.path, "--n", 2, "--set", "max_steps=150", "--save", edited,
+                       "--json")
+    assert code == 0 and json.loads(out)["summary"]["memory"]["facts"] == 2
+    assert (edited / "edit_memory.safetensors").exists()
+    code, out, _ = run(capsys, "memory", "list", "--model", edited, "--json")
+    facts = json.loads(out)["facts"]
+    assert code == 0 and len(facts) == 2
+    code, out, _ = run(capsys, "memory", "remove", facts[0]["case_id"], "--model", edited)
+    assert code == 0 and facts[0]["case_id"] in out
+    code, out, _ = run(capsys, "memory", "list", "--model", edited, "--json")
+    assert [f["case_id"] for f in json.loads(out)["facts"]] == [facts[1]["case_id"]]
+    code, _, err = run(capsys, "memory", "remove", "no-such-case", "--model", edited)
+    assert code == 2 and "no-such-case" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "memory", "list", "--model", tiny_world.path)
+    assert code == 2 and "no edit memory" in err
 
 
 @pytest.mark.parametrize(

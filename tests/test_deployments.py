@@ -7,8 +7,8 @@ import yaml
 from prefect import Flow
 from prefect.client.schemas.schedules import CronSchedule
 
-from flows.inbox import refresh_inbox
 from gates import RELAXED
+from flows.inbox import refresh_inbox
 from kdpo.loaders import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

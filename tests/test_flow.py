@@ -6,8 +6,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from gates import RELAXED
 from conftest import TINY_WORLD
+from gates import RELAXED
 from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -15,7 +15,10 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from flows.knowledge_refresh import knowledge_refresh
+from kdpo.evaluation import score_pairs
 from kdpo.loaders import write_jsonl
+from kdpo.memory import EditMemory
+from kdpo.modeling import load_model
 from kdpo.world import WorldConfig, cache_root
 from tasks.caching import probe_cache_key, refresh_work_dir
 from tasks.refresh import DataGateError
@@ -171,3 +174,24 @@ def test_refresh_work_dir_is_keyed_by_the_refresh_inputs(tiny_world, kdpo_home):
     others = [refresh_work_dir(edits, model, "ft-m", None, 5, False), refresh_work_dir(edits, model, "kdpo", {"lr": 1e-3}, 5, False),
               refresh_work_dir(edits, model, "kdpo", None, 6, False)]
     assert len({work_dir, *others}) == 4
+
+
+def test_chained_refresh_adds_to_the_champions_memory_and_reverts(tiny_world, tiny_requests, tracking, tmp_path):
+    first_edits, second_edits = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    write_jsonl(tiny_requests[:2], first_edits)
+    write_jsonl(tiny_requests[2:4], second_edits)
+    common = {"tracking_uri": tracking, "artifact_root": str(tmp_path / "artifacts"), "model_name": "chained",
+              "settings": {"max_steps": 150}, "gates": RELAXED}
+    knowledge_refresh(edits_path=str(first_edits), model=str(tiny_world.path), **common)
+    knowledge_refresh(edits_path=str(second_edits), **common)  # starts from the first refresh's champion
+
+    def champion_facts():
+        model = mlflow.pyfunc.load_model("models:/chained@champion").unwrap_python_model().model
+        return model, sorted(f.case_id for slot in EditMemory.of(model).slots for f in slot.facts)
+
+    model, facts = champion_facts()
+    assert facts == sorted(r.case_id for r in tiny_requests[:4])  # the pyfunc answers with all four edits
+    tokenizer = load_model(tiny_world.path)[1]
+    assert score_pairs(model, tokenizer, [(r.prompt, r.target_new) for r in tiny_requests[:4]])[0] == [1.0] * 4
+    knowledge_refresh(edits_path=str(second_edits), revert=[tiny_requests[0].case_id], **common)
+    assert champion_facts()[1] == sorted(r.case_id for r in tiny_requests[1:4])

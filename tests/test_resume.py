@@ -4,10 +4,10 @@ from dataclasses import asdict, fields
 
 import mlflow
 import pytest
-from gates import RELAXED
 import torch
 from mlflow.tracking import MlflowClient
 
+from gates import RELAXED
 from kdpo.editing import latest_checkpoint, load_checkpoint, make_config, run_sequential, save_checkpoint
 from kdpo.editors.base import Editor
 from kdpo.editors.kdpo import KDPOEditor

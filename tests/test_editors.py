@@ -67,8 +67,8 @@ def test_protected_edit_leaves_a_protected_fact_alone(tiny_world, tiny_model, ti
     request = first_editable(model, tokenizer, tiny_requests)
     probes = [(item.prompt, item.ground_truth) for r in tiny_requests for item in r.locality]
     _, before = score_pairs(model, tokenizer, probes)
-    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides={"max_steps": "150"}),
-                          tiny_world.corpus())
+    config = make_config("kdpo", overrides={"max_steps": "150", "protection": "null-space"})
+    editor = build_editor(model, tokenizer, "kdpo", config, tiny_world.corpus())
     assert editor.edit(request).reached
     _, after = score_pairs(model, tokenizer, probes)
     unchanged = sum(b == a for b, a in zip(before, after)) / len(probes)
@@ -118,7 +118,7 @@ def test_bad_settings_give_clear_errors(tiny_model, overrides, message):
 def test_null_space_without_corpus_is_a_clear_error(tiny_model):
     model, tokenizer = tiny_model
     with pytest.raises(ConfigError, match="needs a corpus"):
-        build_editor(model, tokenizer, "kdpo", make_config("kdpo"), corpus=None)
+        build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides={"protection": "null-space"}), corpus=None)
 
 
 def test_paper_preset_is_a_named_config():

@@ -12,6 +12,7 @@ from kdpo.modeling import encode_pairs
 from kdpo.protection import ProtectedSubspace
 
 MODULES = ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+NULL_SPACE = {"protection": "null-space"}
 
 
 def test_energy_rule_keeps_the_fewest_directions_holding_the_energy():
@@ -63,13 +64,13 @@ def test_key_statistics_are_cached_and_invalidated_by_new_weights(tiny_world, ti
     assert not torch.allclose(changed[0], first[0])
 
 
-def test_committed_edit_protects_its_prompt_and_rephrases(tiny_world, tiny_model, tiny_requests):
+def test_committed_edit_protects_its_prompt(tiny_world, tiny_model, tiny_requests):
     model, tokenizer = tiny_model
-    request = next(r for r in tiny_requests if r.rephrase_prompts)
-    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides={"max_steps": "100", "edit_keys": "hard"}),
-                          tiny_world.corpus())
+    request = tiny_requests[0]
+    config = make_config("ft-m", overrides=NULL_SPACE | {"max_steps": "100", "edit_keys": "hard"})
+    editor = build_editor(model, tokenizer, "ft-m", config, tiny_world.corpus())
     editor.edit(request)
-    prompts = [request.prompt, *request.rephrase_prompts]
+    prompts = [request.prompt]
     batch = encode_pairs(tokenizer, [(p, request.target_new) for p in prompts])
     captured = module_inputs(model, editor.modules, batch.input_ids, batch.attention_mask)
     for subspace, inputs in zip(editor.protected, captured):
@@ -79,14 +80,13 @@ def test_committed_edit_protects_its_prompt_and_rephrases(tiny_world, tiny_model
         assert (residual.norm(dim=1) <= 0.05 * keys.norm(dim=1) + 1e-4).all()
 
 
-def test_soft_edit_keys_remember_every_prompt_and_keep_the_barred_span(tiny_world, tiny_model, tiny_requests):
+def test_soft_edit_keys_remember_the_prompt_and_keep_the_barred_span(tiny_world, tiny_model, tiny_requests):
     model, tokenizer = tiny_model
-    request = next(r for r in tiny_requests if r.rephrase_prompts)
-    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo"), tiny_world.corpus())
+    request = tiny_requests[0]
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=NULL_SPACE), tiny_world.corpus())
     ranks = [subspace.rank for subspace in editor.protected]
     assert editor.edit(request).reached
-    prompts = [request.prompt, *request.rephrase_prompts]
-    batch = encode_pairs(tokenizer, [(p, request.target_new) for p in prompts])
+    batch = encode_pairs(tokenizer, [(request.prompt, request.target_new)])
     captured = module_inputs(model, editor.modules, batch.input_ids, batch.attention_mask)
     for subspace, inputs, rank in zip(editor.protected, captured, ranks):
         assert subspace.rank == rank  # soft memory: nothing is barred
@@ -102,8 +102,8 @@ def test_hard_then_soft_bars_edit_keys_only_while_room_is_left(tiny_world, tiny_
 
     monkeypatch.setattr(kdpo.editors.base, "HARD_RESERVE", reserve)
     model, tokenizer = tiny_model
-    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides={"edit_keys": "hard-then-soft"}),
-                          tiny_world.corpus())
+    config = make_config("kdpo", overrides=NULL_SPACE | {"edit_keys": "hard-then-soft"})
+    editor = build_editor(model, tokenizer, "kdpo", config, tiny_world.corpus())
     ranks = [subspace.rank for subspace in editor.protected]
     editor.edit(tiny_requests[0])
     for subspace, rank in zip(editor.protected, ranks):
@@ -129,7 +129,7 @@ def test_minimal_change_commits_a_smaller_change_with_the_same_edit(tiny_world, 
     outcomes, answers = {}, {}
     for minimal in ("false", "true"):
         model.load_state_dict(state)
-        config = make_config(method, overrides={"minimal_change": minimal, "edit_keys": "hard"})
+        config = make_config(method, overrides=NULL_SPACE | {"minimal_change": minimal, "edit_keys": "hard"})
         editor = build_editor(model, tokenizer, method, config, tiny_world.corpus())
         outcomes[minimal] = editor.edit(request)
         batch = encode_pairs(tokenizer, [(request.prompt, request.target_new)])
@@ -144,8 +144,8 @@ def test_minimal_change_commits_a_smaller_change_with_the_same_edit(tiny_world, 
 def test_weight_drift_is_recorded_per_edit(tiny_world, tiny_model, tiny_requests):
     model, tokenizer = tiny_model
     before = {name: model.get_submodule(f"model.{name}").weight.detach().clone() for name in MODULES}
-    result = run_sequential(model, tokenizer, tiny_requests[:3], "kdpo", corpus=tiny_world.corpus(),
-                            progress=False, fluency_tokens=0)
+    result = run_sequential(model, tokenizer, tiny_requests[:3], "kdpo", make_config("kdpo", overrides=NULL_SPACE),
+                            tiny_world.corpus(), progress=False, fluency_tokens=0)
     drifts = [record.drift for record in result.records]
     assert all(set(d) == set(MODULES) for d in drifts)
     for name in MODULES:
@@ -235,8 +235,9 @@ def test_corpus_covariance_starts_the_soft_memory_and_steers_the_fit_away_from_c
 def test_corpus_key_weight_starts_the_soft_memory_of_every_module(tiny_world, tiny_model, tiny_requests):
     model, tokenizer = tiny_model
     corpus = tiny_world.corpus()
-    soft = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides={"corpus_key_weight": "1e-3"}), corpus)
+    soft_config = make_config("kdpo", overrides=NULL_SPACE | {"corpus_key_weight": "1e-3"})
+    soft = build_editor(model, tokenizer, "kdpo", soft_config, corpus)
     assert all(subspace.soft_inverse is not None for subspace in soft.protected)
-    hard = make_config("kdpo", overrides={"corpus_key_weight": "1e-3", "edit_keys": "hard"})
+    hard = make_config("kdpo", overrides=NULL_SPACE | {"corpus_key_weight": "1e-3", "edit_keys": "hard"})
     assert all(subspace.soft_inverse is None for subspace in build_editor(model, tokenizer, "kdpo", hard, corpus).protected)
     assert soft.edit(tiny_requests[0]).delta_norm > 0  # the fit commits a change around the corpus keys

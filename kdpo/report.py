@@ -280,12 +280,25 @@ def render_result(result: dict, out_dir: Path, title: str | None = None) -> str:
                       "end, teacher-forced and exact")
          + image_html(plots["drift"], "norm of each edit's weight update; distance of each edited matrix from the "
                       "original where the result records it")),
+        *memory_section(summary.get("memory")),
         ("Before and after each edit", answers_table(result)),
         ("Settings", f"<pre>{html.escape(json.dumps(result['config'], indent=2))}</pre>"),
     ]
     title = title or f"Knowledge refresh: {summary['edits']} sequential edits with {summary['method']}"
     return page(title, sections, "Scores are EasyEdit's teacher-forced metrics and their exact-match counterparts "
                                  "on greedy generations (see protocol in the result).")
+
+
+def memory_section(memory: dict | None) -> list[tuple[str, str]]:
+    """The edit memory's size and use, for a result whose edits live in it (none otherwise)."""
+    if not memory:
+        return []
+    rate = "-" if memory["gate_rate"] is None else f"{memory['gate_rate']:.1%}"
+    row = [[memory["slots"], memory["facts"], memory["rank"], ", ".join(memory["modules"]),
+            f"{memory['bytes'] / 2**20:.2f} MiB", f"{(memory['bytes_per_edit'] or 0) / 1024:.1f} KiB", rate]]
+    headers = ["subjects (slots)", "facts", "rank", "modules", "size", "per edit", "gate opened"]
+    return [("Edit memory", html_table(headers, row, "memory") + "<p>gate opened: share of the sequences of the "
+             "final evaluation in which at least one slot's subject was mentioned</p>")]
 
 
 def render_bench(bench: dict, out_dir: Path) -> str:

@@ -103,7 +103,10 @@ def test_html_is_self_contained_with_expected_sections(report, result):
     assert "<script" not in text and not re.search(r"""(src|href)=["']https?:""", text)
     outline = Outline(text)
     assert outline.headings[0] == "Knowledge refresh: 3 sequential edits with kdpo"
-    assert outline.headings[1:] == ["Summary", "Radar", "Per-edit curves", "Before and after each edit", "Settings"]
+    assert outline.headings[1:] == ["Summary", "Radar", "Per-edit curves", "Edit memory", "Before and after each edit",
+                                    "Settings"]
+    memory = result["summary"]["memory"]
+    assert outline.rows["memory"][0][:3] == [str(memory["slots"]), str(memory["facts"]), str(memory["rank"])]
     assert len(outline.images) == 4 and all(src.startswith("data:image/png;base64,") for src in outline.images)
     assert base64.b64decode(outline.images[0].split(",", 1)[1]) == (report.parent / "radar.png").read_bytes()
     answers = outline.rows["answers"]

@@ -149,7 +149,9 @@ def edit_seconds_by_window(records: list[EditRecord], counts: tuple[int, ...]) -
 
 def prefix_summary(result: SequentialResult, count: int, final: list) -> dict:
     """The summary of the first ``count`` edits of ``result``, with ``final`` scored right after edit ``count``."""
-    return SequentialResult(result.method, result.config, result.records[:count], final, result.baseline[:count]).summary()
+    memory = result.memory if count == len(result.records) else None  # the memory is only known after the last edit
+    return SequentialResult(result.method, result.config, result.records[:count], final, result.baseline[:count],
+                            memory=memory).summary()
 
 
 def measure_method(job: Job) -> dict:

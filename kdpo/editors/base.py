@@ -170,8 +170,8 @@ class Editor(ABC):
         elif EditMemory.of(model) is not None:
             raise ValueError("this model carries an edit memory: edit it with protection 'memory', so that the "
                              "memory's edits and weight edits do not overlap unseen")
-        self.modules = [find_module(model, name) for name in
-                        (self.config.memory_modules if self.memory else self.config.modules)]
+        self.module_names = self.config.memory_modules if self.memory else self.config.modules
+        self.modules = [find_module(model, name) for name in self.module_names]
         if self.config.protection == "null-space" and protected is None:
             raise ValueError("protection 'null-space' needs protected key subspaces (see kdpo.editing.protect)")
         self.protected = protected if self.config.protection == "null-space" else None
@@ -368,10 +368,11 @@ class Editor(ABC):
 
     @torch.no_grad()
     def drift(self) -> dict[str, float]:
-        """Frobenius distance of each edited matrix from the weights it had when the editor was made."""
+        """Frobenius distance of each edited matrix from the weights it had when the editor was made (0.0 for
+        the memory's modules: an edit in the memory leaves them as they are)."""
         return {
             name: float((module.weight - original).float().norm())
-            for name, module, original in zip(self.config.modules, self.modules, self.original_weights)
+            for name, module, original in zip(self.module_names, self.modules, self.original_weights)
         }
 
     @staticmethod

@@ -4,8 +4,8 @@
     python -m bench.memory_gate --slots 0,1000 --repeats 50
 
 The model answers a batch of its own edit prompts. Slot i is keyed by the i-th subject of the world's edit
-requests, then by made-up subjects (random token sequences of 1-4 tokens) once the world's subjects run
-out, and holds a random rank-r change; so a prompt opens the slot of its subject exactly as after real
+requests, then by made-up subjects (random sequences of 2-4 tokens; random single tokens would be common
+words) once the world's subjects run out, and holds a random rank-r change; so a prompt opens the slot of its subject exactly as after real
 edits. Every figure is CPU seconds per forward pass (process time, the median of ``--repeats``), measured
 in one run against the same model without a memory, interleaved so that the machine's noise falls on both.
 """
@@ -37,7 +37,7 @@ def fill(memory: EditMemory, tokenizer, subjects: list[str], count: int, seed: i
         if index < len(subjects):
             patterns = subject_patterns(tokenizer, subjects[index])
         else:
-            length = int(torch.randint(1, 5, (1,), generator=generator))
+            length = int(torch.randint(2, 5, (1,), generator=generator))
             patterns = [torch.randint(4, vocabulary, (length,), generator=generator).tolist()]
         slot = memory.add_slot(f"subject {index}" if index >= len(subjects) else subjects[index], patterns)
         for b in memory.B:

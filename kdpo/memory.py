@@ -44,6 +44,17 @@ class Slot:
 
 
 @dataclass
+class _PatternTable:
+    """All subject patterns, sorted by hash: token rows padded with -1, their lengths and slots."""
+
+    hashes: torch.Tensor
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    owners: torch.Tensor
+    duplicates: bool  # whether two patterns share a hash
+
+
+@dataclass
 class _OpenSlots:
     """The (row, slot) pairs whose gate is open in the current sequences, from absolute position ``start``."""
 
@@ -53,13 +64,13 @@ class _OpenSlots:
     past: int  # absolute position of the current forward pass's first token
 
 
-def window_hashes(ids: torch.Tensor, length: int) -> torch.Tensor:
-    """Polynomial hash of every window of ``length`` tokens: [B, T] -> [B, T - length + 1]."""
-    windows = ids.unfold(1, length, 1)
-    hashes = torch.zeros(windows.shape[:2], dtype=torch.long, device=ids.device)
-    for offset in range(length):
-        hashes = (hashes * HASH_BASE + windows[..., offset]) % HASH_MODULUS
-    return hashes
+def prefix_hashes(tokens: torch.Tensor) -> torch.Tensor:
+    """Polynomial hash of every prefix of the last dimension: [..., L] -> [..., L], entry j hashing tokens 0..j."""
+    hashes, running = [], torch.zeros(tokens.shape[:-1], dtype=torch.long, device=tokens.device)
+    for offset in range(tokens.shape[-1]):  # a loop over pattern length, not over tokens
+        running = (running * HASH_BASE + tokens[..., offset]) % HASH_MODULUS
+        hashes.append(running)
+    return torch.stack(hashes, -1)
 
 
 def subject_patterns(tokenizer, subject: str) -> list[list[int]]:
@@ -87,7 +98,7 @@ class EditMemory:
         self.B = [torch.zeros(0, rank, d_out, device=device) for _, d_out in self.dims]
         self.slots: list[Slot] = []
         self._slot_of: dict[str, int] = {}
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._table: _PatternTable | None = None
         self._open: _OpenSlots | None = None
         self._tail: torch.Tensor | None = None  # each row's last tokens, for mentions that span decoding steps
         self._training: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -148,7 +159,7 @@ class EditMemory:
             b[index].zero_()
         self.slots.append(Slot(subject.strip(), [list(p) for p in patterns]))
         self._slot_of[subject.strip()] = index
-        self._tables = None
+        self._table = None
         return index
 
     def remove_slot(self, index: int) -> None:
@@ -163,7 +174,7 @@ class EditMemory:
         self.slots.pop()
         if index < last:
             self._slot_of[self.slots[index].subject] = index
-        self._tables = None
+        self._table = None
 
     def reset_slot(self, index: int) -> None:
         """Start a slot's change afresh (zero), as a new slot starts."""
@@ -210,45 +221,44 @@ class EditMemory:
         return float(sum((a[index] @ b[index]).square().sum() for a, b in zip(self.A, self.B)) ** 0.5)
 
     # --- the gate --------------------------------------------------------------------------------
-    def _pattern_tables(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per pattern length: sorted hashes, their token rows and their slots."""
-        if self._tables is None:
-            by_length: dict[int, list[tuple[list[int], int]]] = {}
-            for index, slot in enumerate(self.slots):
-                for pattern in slot.patterns:
-                    by_length.setdefault(len(pattern), []).append((pattern, index))
+    def _pattern_table(self) -> _PatternTable:
+        """Every slot's patterns, sorted by hash (built once per change of the slots)."""
+        if self._table is None:
+            items = [(pattern, index) for index, slot in enumerate(self.slots) for pattern in slot.patterns]
             device = self.A[0].device
-            self._tables = {}
-            for length, items in by_length.items():
-                tokens = torch.tensor([p for p, _ in items], dtype=torch.long, device=device)
-                hashes = window_hashes(tokens, length)[:, 0]
-                order = hashes.argsort()
-                slots = torch.tensor([s for _, s in items], dtype=torch.long, device=device)
-                self._tables[length] = (hashes[order], tokens[order], slots[order])
-        return self._tables
+            longest = max(len(pattern) for pattern, _ in items)
+            tokens = torch.tensor([p + [-1] * (longest - len(p)) for p, _ in items], dtype=torch.long, device=device)
+            lengths = torch.tensor([len(p) for p, _ in items], dtype=torch.long, device=device)
+            hashes = prefix_hashes(tokens).gather(1, (lengths - 1)[:, None])[:, 0]
+            order = hashes.argsort()
+            owners = torch.tensor([index for _, index in items], dtype=torch.long, device=device)
+            self._table = _PatternTable(hashes[order], tokens[order], lengths[order], owners[order],
+                                        bool((hashes[order][1:] == hashes[order][:-1]).any()))
+        return self._table
 
     def mentions(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every subject mention in ``ids`` [B, T]: (row, position of its last token, slot)."""
+        """Every subject mention in ``ids`` [B, T]: (row, position of its last token, slot).
+
+        The hash of the window of every length starting at every position, one tensor op per pattern length;
+        one sorted search of all of them in the table; then a token-by-token check of each hit."""
+        table = self._pattern_table()
+        longest = table.tokens.shape[1]
+        windows = torch.nn.functional.pad(ids, (0, longest), value=-1).unfold(1, longest, 1)[:, : ids.shape[1]]
+        # windows that run past the end hash their -1 padding: never an exact match
+        found = prefix_hashes(windows).movedim(-1, 0).contiguous()  # [length - 1, B, T]
+        places = [torch.searchsorted(table.hashes, found).clamp_max(len(table.hashes) - 1)]
+        if table.duplicates:  # both ends of a run of equal hashes: a collision cannot hide a match
+            places.append((torch.searchsorted(table.hashes, found, side="right") - 1).clamp_min(0))
         rows, ends, slots = [], [], []
-        for length, (hashes, tokens, owners) in self._pattern_tables().items():
-            if ids.shape[1] < length:
-                continue
-            found = window_hashes(ids, length)
-            windows = ids.unfold(1, length, 1)
-            first = torch.searchsorted(hashes, found).clamp_max(len(hashes) - 1)
-            last = (torch.searchsorted(hashes, found, side="right") - 1).clamp_min(0)
-            # both ends of a run of equal hashes: a hash collision between two patterns cannot hide a match
-            for place, keep in ((first, None), (last, last != first)):
-                hit = hashes[place] == found
-                row, start = (hit if keep is None else hit & keep).nonzero(as_tuple=True)
-                candidate = place[row, start]
-                exact = (windows[row, start] == tokens[candidate]).all(-1)
-                rows.append(row[exact])
-                ends.append(start[exact] + length - 1)
-                slots.append(owners[candidate[exact]])
-        if not rows:
-            empty = torch.zeros(0, dtype=torch.long, device=ids.device)
-            return empty, empty, empty
+        for place in places:
+            length, row, start = (table.hashes[place] == found).nonzero(as_tuple=True)
+            candidate = place[length, row, start]
+            pattern_length = table.lengths[candidate]
+            beyond = torch.arange(longest, device=ids.device) >= pattern_length[:, None]
+            exact = (pattern_length == length + 1) & ((windows[row, start] == table.tokens[candidate]) | beyond).all(-1)
+            rows.append(row[exact])
+            ends.append(start[exact] + length[exact])
+            slots.append(table.owners[candidate[exact]])
         return torch.cat(rows), torch.cat(ends), torch.cat(slots)
 
     def _gate_hook(self, model, args, kwargs):
@@ -259,7 +269,7 @@ class EditMemory:
             return
         if self.A[0].device != ids.device:  # the model was moved after the memory was made
             self.A, self.B = [a.to(ids.device) for a in self.A], [b.to(ids.device) for b in self.B]
-            self._tables = None
+            self._table = None
         past = self._past_length(kwargs)
         continuing = past > 0 and self._open is not None and self._tail is not None and len(self._tail) == len(ids)
         if continuing:

@@ -300,7 +300,7 @@ class EditMemory:
         position = kwargs.get("cache_position")
         if position is not None and position.numel():
             return int(position[0])
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 names it "cache"
         if cache is not None and hasattr(cache, "get_seq_length"):
             return int(cache.get_seq_length())
         return 0

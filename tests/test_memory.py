@@ -148,7 +148,8 @@ def test_padded_batches_match_single_rows(tiny_world, shape, side):
     memory_with_one_slot(model, tokenizer, module, "Lionel Messi")
     texts = ["Lionel Messi plays for", "A much longer sentence where Lionel Messi appears late", "nobody here"]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side=side)
-    batched = model(**encoded).logits
+    positions = (encoded["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # GPT-2's absolute positions skip padding
+    batched = model(**encoded, position_ids=positions).logits
     for row, text in enumerate(texts):
         single = model(**tokenizer(text, return_tensors="pt")).logits[0]
         real = encoded["attention_mask"][row].bool()

@@ -22,8 +22,8 @@ class ProtectedSubspace:
     basis: torch.Tensor
     spectrum: torch.Tensor | None = None  # eigenvalues of K0^T K0, descending, for reports
     # Soft protection: G, the weighted projected Gram of committed edits' keys, kept as (G + ridge I)^-1
-    # (float32: within 2e-4 of float64 maintenance after 600 edits) and updated by Woodbury's identity, so
-    # neither remembering nor fitting needs a dim^3 solve.
+    # (float64: it is maintained incrementally) and updated by Woodbury's identity, so neither remembering nor
+    # fitting needs a dim^3 solve.
     soft_inverse: torch.Tensor | None = None
     soft_ridge: float = 0.0
 
@@ -58,10 +58,12 @@ class ProtectedSubspace:
         """The subspace :meth:`state_dict` saved (fields it lacks keep their defaults). A checkpoint written
         before the soft memory was kept inverted holds G itself (``key_gram``): it is inverted with ``ridge``."""
         subspace = cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+        if subspace.soft_inverse is not None:  # float32 in checkpoints written before it was kept in float64
+            subspace.soft_inverse = subspace.soft_inverse.double()
         if state.get("key_gram") is not None and subspace.soft_inverse is None:
             gram = state["key_gram"].double()
             eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-            subspace.soft_inverse = torch.linalg.inv(gram + ridge * eye).float()
+            subspace.soft_inverse = torch.linalg.inv(gram + ridge * eye)
             subspace.soft_ridge = ridge
         return subspace
 
@@ -82,12 +84,12 @@ class ProtectedSubspace:
         """Remember keys [n, dim] softly: G += weight * (P K)^T (P K), which later changes are fitted against
         (least interference, :meth:`fit_change`), instead of barring their span. O(dim^2 n): a Woodbury update
         of (G + ridge I)^-1 (``ridge`` is fixed by the first call)."""
-        projected = self.project(keys.float().to(self.basis.device))
+        projected = self.project(keys.float().to(self.basis.device)).double()
         if self.soft_inverse is None:
-            self.soft_inverse = torch.eye(self.dim, device=self.basis.device) / ridge
+            self.soft_inverse = torch.eye(self.dim, dtype=torch.float64, device=self.basis.device) / ridge
             self.soft_ridge = ridge
         spread = self.soft_inverse @ projected.T  # A^-1 U^T, [dim, n]
-        core = torch.eye(len(projected), device=spread.device) / weight + projected @ spread
+        core = torch.eye(len(projected), dtype=spread.dtype, device=spread.device) / weight + projected @ spread
         inverse = self.soft_inverse - spread @ torch.linalg.solve(core, spread.T)
         self.soft_inverse = (inverse + inverse.T) / 2
 
@@ -100,17 +102,17 @@ class ProtectedSubspace:
             raise ValueError("add_soft_covariance starts the soft memory; it already holds keys")
         projected = self.project(self.project(covariance.double().to(self.basis.device)).T)  # P C P (C symmetric)
         eye = torch.eye(self.dim, dtype=projected.dtype, device=projected.device)
-        self.soft_inverse = torch.linalg.inv(weight * (projected + projected.T) / 2 + ridge * eye).float()
+        self.soft_inverse = torch.linalg.inv(weight * (projected + projected.T) / 2 + ridge * eye)
         self.soft_ridge = ridge
 
     def fit_change(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The least-squares change X [dim, out] that keeps ``delta``'s effect on ``keys`` [n, dim] (projected)
         and disturbs the remembered keys least: min ||K X - K delta||^2 + tr(X^T G X) + ridge ||X||^2, i.e.
         X = (K^T K + A)^-1 K^T K delta with A = G + ridge I, computed as A^-1 K^T (I + K A^-1 K^T)^-1 K delta."""
-        keys = keys.float()
+        keys = keys.double()
         spread = self.soft_inverse @ keys.T  # [dim, n]
-        core = torch.eye(len(keys), device=keys.device) + keys @ spread
-        return (spread @ torch.linalg.solve(core, keys @ delta.float())).to(delta.dtype)
+        core = torch.eye(len(keys), dtype=spread.dtype, device=keys.device) + keys @ spread
+        return (spread @ torch.linalg.solve(core, keys @ delta.double())).to(delta.dtype)
 
     @property
     def key_gram(self) -> torch.Tensor | None:
@@ -118,7 +120,7 @@ class ProtectedSubspace:
         if self.soft_inverse is None:
             return None
         eye = torch.eye(self.dim, dtype=torch.float64, device=self.soft_inverse.device)
-        return (torch.linalg.inv(self.soft_inverse.double()) - self.soft_ridge * eye).float()
+        return (torch.linalg.inv(self.soft_inverse) - self.soft_ridge * eye).float()
 
     def add_keys(self, keys: torch.Tensor, tolerance: float = 0.05) -> int:
         """Add the directions of ``keys`` [n, dim] not yet protected (relative residual > tolerance).

@@ -102,7 +102,8 @@ def test_baseline_probe_scores_locality_against_itself(tiny_model, tiny_requests
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"modules": "layers.9.mlp.down_proj"}, "no module named"),
+        ({"memory_modules": "layers.9.mlp.down_proj"}, "no module named"),
+        ({"modules": "layers.9.mlp.down_proj", "protection": "none"}, "no module named"),
         ({"null_space_threshold": "2"}, "null_space_threshold"),
         ({"protection": "magic"}, "protection must be one of"),
         ({"learning_rate": "1"}, "has no setting 'learning_rate'"),

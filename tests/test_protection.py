@@ -12,7 +12,7 @@ from kdpo.modeling import encode_pairs
 from kdpo.protection import ProtectedSubspace
 
 MODULES = ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
-NULL_SPACE = {"protection": "null-space"}
+NULL_SPACE = {"protection": "null-space", "max_steps": "150"}  # tiny-world edits get the budget they need
 
 
 def test_energy_rule_keeps_the_fewest_directions_holding_the_energy():
@@ -67,7 +67,7 @@ def test_key_statistics_are_cached_and_invalidated_by_new_weights(tiny_world, ti
 def test_committed_edit_protects_its_prompt(tiny_world, tiny_model, tiny_requests):
     model, tokenizer = tiny_model
     request = tiny_requests[0]
-    config = make_config("ft-m", overrides=NULL_SPACE | {"max_steps": "100", "edit_keys": "hard"})
+    config = make_config("ft-m", overrides=NULL_SPACE | {"edit_keys": "hard"})
     editor = build_editor(model, tokenizer, "ft-m", config, tiny_world.corpus())
     editor.edit(request)
     prompts = [request.prompt]
@@ -202,7 +202,7 @@ def test_soft_memory_woodbury_updates_equal_the_direct_solve():
         subspace.add_soft_keys(keys, weight, ridge)
         projected = subspace.project(keys).double()
         gram += weight * projected.T @ projected
-    assert torch.allclose(subspace.key_gram.double(), gram, rtol=1e-3, atol=1e-3)  # G from a float32 inverse
+    assert torch.allclose(subspace.key_gram.double(), gram, rtol=1e-5, atol=1e-5)  # G is returned as float32
     keys, delta = subspace.project(torch.randn(4, dim)), torch.randn(dim, 3)
     direct = torch.linalg.solve(keys.double().T @ keys.double() + gram + ridge * torch.eye(dim, dtype=torch.float64),
                                 keys.double().T @ (keys.double() @ delta.double()))
@@ -222,7 +222,7 @@ def test_corpus_covariance_starts_the_soft_memory_and_steers_the_fit_away_from_c
     subspace.add_soft_covariance(covariance, weight=0.5, ridge=ridge)
     projector = torch.eye(dim) - subspace.basis @ subspace.basis.T
     expected = 0.5 * projector @ covariance @ projector  # G = w P C P: the hard null space's span left out
-    assert torch.allclose(subspace.key_gram, expected, rtol=1e-3, atol=0.05)  # G from a float32 inverse
+    assert torch.allclose(subspace.key_gram, expected, rtol=1e-3, atol=1e-3)  # G is returned as float32
     keys, delta = subspace.project(torch.randn(2, dim)), torch.randn(dim, 3)
     plain = ProtectedSubspace(subspace.basis)
     plain.add_soft_keys(torch.zeros(1, dim), 1.0, ridge)  # an empty soft memory

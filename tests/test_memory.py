@@ -21,7 +21,9 @@ def random_model(tokenizer, shape: str):
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
         return LlamaForCausalLM(config).eval(), "layers.1.mlp.down_proj"
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, pad_token_id=tokenizer.pad_token_id)
+    # GPT-2 ties its output to its embeddings: at the default init (std 0.02) no logit can lead by a margin
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, pad_token_id=tokenizer.pad_token_id,
+                        initializer_range=0.5)
     return GPT2LMHeadModel(config).eval(), "h.1.mlp.c_proj"
 
 
@@ -154,6 +156,19 @@ def test_padded_batches_match_single_rows(tiny_world, shape, side):
         single = model(**tokenizer(text, return_tensors="pt")).logits[0]
         real = encoded["attention_mask"][row].bool()
         torch.testing.assert_close(batched[row][real], single, rtol=1e-4, atol=1e-4)
+
+
+def test_memory_edits_a_gpt2_shaped_model(tiny_world, tiny_requests):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.path)
+    model, module = random_model(tokenizer, "gpt2")
+    # the edit itself on a GPT-2-shaped model (Conv1D modules); preservation is measured on the world
+    config = make_config("kdpo", overrides={"memory_modules": module, "max_steps": "300", "memory_preserve_weight": "0"})
+    editor = build_editor(model, tokenizer, "kdpo", config, tiny_world.corpus())
+    request = tiny_requests[0]
+    assert editor.edit(request).reached
+    assert score_pairs(model, tokenizer, [(request.prompt, request.target_new)])[0] == [1.0]
 
 
 def test_bfloat16_model_runs_the_memory(tiny_world, tiny_requests):

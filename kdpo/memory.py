@@ -152,11 +152,7 @@ class EditMemory:
             capacity = max(8, 2 * index)
             self.A = [torch.cat([a, a.new_zeros(capacity - index, *a.shape[1:])]) for a in self.A]
             self.B = [torch.cat([b, b.new_zeros(capacity - index, *b.shape[1:])]) for b in self.B]
-        generator = torch.Generator().manual_seed(len(self.slots))
-        for a in self.A:
-            a[index] = (torch.randn(a.shape[1:], generator=generator) * INIT_SCALE).to(a.device)
-        for b in self.B:
-            b[index].zero_()
+        self.reset_slot(index)
         self.slots.append(Slot(subject.strip(), [list(p) for p in patterns]))
         self._slot_of[subject.strip()] = index
         self._table = None

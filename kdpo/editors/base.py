@@ -225,7 +225,7 @@ class Editor(ABC):
         found = self.memory.find_fact(case_id)
         if found is None:
             return False
-        slot, fact = found
+        slot = found[0]
         rest = [f for f in self.memory.slots[slot].facts if f.case_id != case_id]
         if not rest:
             self.memory.remove_slot(slot)
@@ -241,9 +241,10 @@ class Editor(ABC):
         batch = encode_pairs(self.tokenizer, [(f.prompt, f.target_new) for f in rows], self.device)
         preserved = self._preserved_text(facts)
         if preserved is not None:  # one forward pass for both: the edit rows first, then the preserved text
-            joint = _stack(batch, preserved, self.tokenizer.pad_token_id)
+            joint = _stack(batch, preserved[0], self.tokenizer.pad_token_id)
             batch = TeacherForcedBatch(joint.input_ids[: len(rows)], joint.attention_mask[: len(rows)],
                                        joint.labels[: len(rows)])
+            kept = torch.nn.functional.pad(preserved[1], (0, joint.input_ids.shape[1] - preserved[1].shape[1]))
         else:
             joint = batch
         parameters = self.memory.trainable(slot)
@@ -262,8 +263,8 @@ class Editor(ABC):
                     reached = True
                     break
                 loss = self.edit_loss(logits[: len(rows)], batch)
-                if preserved is not None and self.config.memory_preserve_weight:
-                    kl = kl_to_reference(logits[len(rows):].log_softmax(-1), reference, joint.attention_mask[len(rows):])
+                if preserved is not None:
+                    kl = kl_to_reference(logits[len(rows):].log_softmax(-1), reference, kept)
                     loss = loss + self.config.memory_preserve_weight * kl
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -289,18 +290,28 @@ class Editor(ABC):
                               fact.target_new, fact.ground_truth) for _ in range(CONTEXT_COPIES)]
         return rows
 
-    def _preserved_text(self, facts: list[Fact]) -> TeacherForcedBatch | None:
-        """Up to ``PRESERVED_TEXTS`` corpus lines that mention the subject but none of the answers its facts
-        change: the subject's other facts, as the model knew them."""
+    def _preserved_text(self, facts: list[Fact]) -> tuple[TeacherForcedBatch, torch.Tensor] | None:
+        """Text whose predictions the slot must leave as they were, and the positions where: up to
+        ``PRESERVED_TEXTS`` corpus lines that mention the subject but none of the answers its facts change (the
+        subject's other facts, as the model knew them), and each fact answered and followed by a corpus line,
+        from the token after the answer on (the slot must not change how the text goes on)."""
+        if not self.config.memory_preserve_weight:
+            return None
         subject = facts[0].subject.strip()
         changed = [f.ground_truth for f in facts if f.ground_truth] + [f.target_new for f in facts]
         lines = [line for line in self.corpus if subject in line and not any(answer in line for answer in changed)]
-        if not lines or not self.config.memory_preserve_weight:
-            return None
         lines = random.Random(subject).sample(lines, min(PRESERVED_TEXTS, len(lines)))
+        starts = [0] * len(lines)
+        for fact in facts:
+            answered = f"{fact.prompt} {fact.target_new}"
+            following = f" {random.Random(fact.case_id).choice(self.corpus)}" if self.corpus else ""
+            lines.append(f"{answered}.{following}")
+            starts.append(len(self.tokenizer(answered)["input_ids"]) - 1)  # the position after the answer
         encoded = self.tokenizer(lines, return_tensors="pt", padding=True, padding_side="right").to(self.device)
-        ids = encoded["input_ids"]
-        return TeacherForcedBatch(ids, encoded["attention_mask"], torch.full_like(ids, IGNORE))
+        ids, attention = encoded["input_ids"], encoded["attention_mask"]
+        starts = torch.tensor(starts, device=self.device)
+        after = torch.arange(ids.shape[1], device=self.device)[None, :] >= starts[:, None]
+        return TeacherForcedBatch(ids, attention, torch.full_like(ids, IGNORE)), attention * after
 
     # --- weight edits ------------------------------------------------------------------------
     def _edit_weights(self, fact: Fact) -> EditOutcome:

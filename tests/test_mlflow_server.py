@@ -67,7 +67,8 @@ def test_mlflow_models_serve_answers_with_the_edits(tiny_world, tiny_requests, t
     knowledge_refresh(edits_path=str(edits), model=str(tiny_world.path), tracking_uri=tracking, model_name="serving",
                       artifact_root=str(tmp_path / "artifacts"), settings={"max_steps": 150}, gates=RELAXED)
     server, url = serve(["models", "serve", "-m", "models:/serving@champion", "--env-manager", "local"], "/ping",
-                        os.environ | {"MLFLOW_TRACKING_URI": tracking})
+                        os.environ | {"MLFLOW_TRACKING_URI": tracking,  # serve runs the venv's uvicorn by name
+                                      "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     try:
         body = {"dataframe_split": {"columns": ["prompt"], "data": [[r.prompt] for r in tiny_requests[:2]]}}
         request = urllib.request.Request(f"{url}/invocations", json.dumps(body).encode(),

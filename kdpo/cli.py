@@ -209,13 +209,11 @@ def cmd_memory_list(args) -> int:
 
 
 def cmd_memory_remove(args) -> int:
-    from kdpo.editing import build_editor, make_config
+    from kdpo.editing import memory_editor
     from kdpo.world import model_corpus
 
     model, tokenizer, memory = _model_memory(args)
-    config = make_config(args.method, overrides={"memory_modules": ",".join(memory.modules),
-                                                 "memory_rank": str(memory.rank)})
-    editor = build_editor(model, tokenizer, args.method, config, model_corpus(args.model))
+    editor = memory_editor(model, tokenizer, args.method, model_corpus(args.model))
     for case_id in args.case_ids:
         if not editor.revert(case_id):
             raise UsageError(f"{args.model}: no edit with case_id {case_id!r} in the edit memory (see kdpo memory list)")

@@ -21,6 +21,7 @@ from kdpo.config import ConfigError, build_settings, read_settings_file
 from kdpo.editors import EDITORS, Editor, EditorConfig
 from kdpo.evaluation import PROTOCOL, Probe, RequestScores, evaluate, evaluate_with_answers, probe, summarize
 from kdpo.keystats import key_covariances
+from kdpo.memory import EditMemory
 from kdpo.metrics import mean
 from kdpo.modeling import load_model, save_model
 from kdpo.protection import ProtectedSubspace
@@ -81,6 +82,17 @@ def build_editor(
     if protected is None and config.protection == "null-space":
         protected = protected_subspaces(model, tokenizer, config, corpus)
     return EDITORS[method](model, tokenizer, config, protected, corpus)
+
+
+def memory_editor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, method: str,
+                  corpus: list[str] | None) -> Editor:
+    """An editor for the edit memory ``model`` already carries, with that memory's modules and rank (to
+    revert its edits, or add to them)."""
+    memory = EditMemory.of(model)
+    if memory is None:
+        raise ConfigError("this model has no edit memory (edit_memory.safetensors)")
+    config = make_config(method, overrides={"memory_modules": ",".join(memory.modules), "memory_rank": str(memory.rank)})
+    return build_editor(model, tokenizer, method, config, corpus)
 
 
 @dataclass

@@ -288,7 +288,7 @@ class EditMemory:
             first = first.scatter_reduce(0, inverse, end, "amin")
             row, slot, end = unique // len(self.slots), unique % len(self.slots), first
         self._open = _OpenSlots(row, slot, end, past)
-        longest = max(len(p) for s in self.slots for p in s.patterns)
+        longest = self._pattern_table().tokens.shape[1]
         self._tail = context[:, max(0, context.shape[1] - (longest - 1)):] if longest > 1 else ids[:, :0]
 
     @staticmethod

@@ -13,12 +13,11 @@ from prefect import task
 
 from data_checks import split_valid, validate_requests
 from kdpo.editing import (
-    Checkpoint, SequentialResult, build_editor, latest_checkpoint, load_checkpoint, make_config, run_sequential,
+    Checkpoint, SequentialResult, latest_checkpoint, load_checkpoint, make_config, memory_editor, run_sequential,
     save_checkpoint,
 )
 from kdpo.evaluation import EXACT, Probe, probe, summarize
 from kdpo.loaders import load_requests, write_jsonl
-from kdpo.memory import EditMemory
 from kdpo.modeling import load_model, save_model
 from kdpo.requests import EditRequest
 from kdpo.world import model_corpus
@@ -131,11 +130,7 @@ def revert_edits(model_dir: str, case_ids: list[str], parent_run_id: str, work_d
     """Take edits back out of the starting model's edit memory (each subject's slot is retrained without
     them); the model without them is what this refresh edits. An unknown case_id stops the refresh."""
     model, tokenizer = load_model(model_dir)
-    memory = EditMemory.of(model)
-    if memory is None:
-        raise ValueError(f"{model_dir} has no edit memory to revert {case_ids} from")
-    config = make_config(method, overrides={"memory_modules": ",".join(memory.modules), "memory_rank": str(memory.rank)})
-    editor = build_editor(model, tokenizer, method, config, model_corpus(model_dir))
+    editor = memory_editor(model, tokenizer, method, model_corpus(model_dir))
     missing = [case_id for case_id in case_ids if not editor.revert(case_id)]
     if missing:
         raise ValueError(f"{model_dir}: no edit with case_id {', '.join(missing)} in its edit memory")
@@ -143,7 +138,7 @@ def revert_edits(model_dir: str, case_ids: list[str], parent_run_id: str, work_d
     save_model(model, tokenizer, reverted)
     carry_model_files(model_dir, reverted)
     with step_run("revert", parent_run_id, {"model": model_dir, "case_ids": ",".join(case_ids)}):
-        mlflow.log_metrics({"revert/edits": len(case_ids), "revert/slots": len(memory.slots)})
+        mlflow.log_metrics({"revert/edits": len(case_ids), "revert/slots": len(editor.memory.slots)})
     return str(reverted)
 
 

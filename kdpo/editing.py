@@ -26,6 +26,7 @@ from kdpo.metrics import mean
 from kdpo.modeling import load_model, save_model
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest
+from kdpo.text import sentences
 
 SCHEDULE = (
     "immediate: the just-edited request, scored right after its own edit; "
@@ -161,6 +162,22 @@ class SequentialResult:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
+def withhold_evaluation_text(corpus: list[str] | None, requests: list[EditRequest]) -> list[str] | None:
+    """``corpus`` without the sentences that contain an evaluation prompt of ``requests`` (matched on whole
+    words), so that generalization and locality are measured on text the editor never trained on or kept."""
+    if not corpus:
+        return corpus
+    prompts = {tuple(prompt.split()) for request in requests for prompt in request.evaluation_prompts}
+    lengths = sorted({len(words) for words in prompts if words})
+
+    def evaluated(sentence: str) -> bool:
+        words = sentence.split()
+        return any(tuple(words[i:i + n]) in prompts for n in lengths for i in range(len(words) - n + 1))
+
+    kept = (" ".join(s for s in sentences(line) if not evaluated(s)) for line in corpus)
+    return [line for line in kept if line]
+
+
 def run_sequential(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -181,12 +198,14 @@ def run_sequential(
     Resuming: ``model`` is the checkpoint's model, ``resume`` its records and editor state, and
     ``baseline`` the probe of the model before the first edit (required: the edited model is not it).
     ``on_checkpoint`` gets the run's state after every ``checkpoint_every`` edits and after the last one.
+    The editor gets ``corpus`` without the requests' evaluation text (:func:`withhold_evaluation_text`).
     """
     if resume is not None:
         _check_resume(resume, requests, baseline)
     if on_checkpoint is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     baseline = baseline or probe(model, tokenizer, requests, fluency_tokens)
+    corpus = withhold_evaluation_text(corpus, requests)
     editor = build_editor(model, tokenizer, method, config, corpus, resume.protected if resume else None)
     if resume is not None and resume.original_weights is not None:
         editor.original_weights = resume.original_weights  # drift stays measured from the unedited model
@@ -291,7 +310,10 @@ def save_checkpoint(
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint with the most edits done under ``root``, or None."""
+    """The checkpoint with the most edits done under ``root``, or None; the temporary folders of saves that
+    were killed part-way are removed (the caller is the only writer: it holds the refresh's lock)."""
+    for stale in Path(root).glob(".writing-*"):
+        shutil.rmtree(stale)
     found = sorted(Path(root).glob("checkpoint-*"))
     return found[-1] if found else None
 

@@ -1,14 +1,15 @@
 """The edit memory: edits that live beside the base weights, each active only where its subject is.
 
 One *slot* per edited subject holds, for every edited module, a low-rank change ``x @ A_s @ B_s`` added to
-the module's output at every position at or after a mention of the subject; elsewhere the model is exactly
-the base model. A mention is a match of one of the subject's token sequences (``subject`` and
+the module's output from a mention of the subject to the end of its sentence (the position before the next
+sentence-ending token: ``.``, ``!``, ``?`` or a line break); elsewhere the model is exactly the base model.
+A mention is a match of one of the subject's token sequences (``subject`` and
 ``" " + subject`` as the tokenizer writes them) in ``input_ids``, found for the whole batch at once with
 rolling hashes (a loop over pattern lengths, never over tokens) and checked token by token.
 
 The gate follows a sequence through ``model.generate`` with a KV cache: the memory keeps each row's open
 slots and its last tokens between steps, so a subject seen in the prompt or in an earlier step keeps its
-slot open, and a subject whose tokens are generated across steps still opens it.
+slot open until its sentence ends, and a subject whose tokens are generated across steps still opens it.
 
 Saved next to the Hugging Face files as ``edit_memory.safetensors``: the A and B of every slot, with the
 index (modules, rank, and each slot's subject, token patterns and facts) in the file's metadata.
@@ -32,6 +33,7 @@ MEMORY_FILE = "edit_memory.safetensors"
 HASH_BASE = 1_000_003  # < 2**20, so (hash * base + token id) stays inside int64 for any vocabulary below 2**20
 HASH_MODULUS = 4_398_046_511_093  # the largest prime below 2**42
 INIT_SCALE = 0.01  # A starts as N(0, INIT_SCALE^2) and B as zero, so a new slot changes nothing until trained
+NEVER = torch.iinfo(torch.long).max  # the close of a gate whose sentence has not ended yet
 
 
 @dataclass
@@ -56,11 +58,12 @@ class _PatternTable:
 
 @dataclass
 class _OpenSlots:
-    """The (row, slot) pairs whose gate is open in the current sequences, from absolute position ``start``."""
+    """The (row, slot) gates of the current sequences, open at absolute positions ``starts <= p < closes``."""
 
     rows: torch.Tensor
     slots: torch.Tensor
     starts: torch.Tensor
+    closes: torch.Tensor
     past: int  # absolute position of the current forward pass's first token
 
 
@@ -83,14 +86,21 @@ def subject_patterns(tokenizer, subject: str) -> list[list[int]]:
     return patterns
 
 
+def sentence_end_ids(tokenizer) -> list[int]:
+    """The tokens that end a sentence: their text ends with ``.``, ``!`` or ``?``, or holds a line break."""
+    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
+    return [token for token, text in enumerate(texts) if text.rstrip(" ").endswith((".", "!", "?")) or "\n" in text]
+
+
 class EditMemory:
     """Subject-gated low-rank changes to the outputs of ``modules`` of ``model`` (see the module docstring).
 
     ``attach`` makes one and hooks it into the model (``model.edit_memory``); the slot tensors grow by
     doubling, so adding a slot is amortised O(1)."""
 
-    def __init__(self, model: torch.nn.Module, modules: tuple[str, ...], rank: int):
+    def __init__(self, model: torch.nn.Module, modules: tuple[str, ...], rank: int, sentence_ends: list[int]):
         self.model, self.modules, self.rank = model, tuple(modules), rank
+        self.sentence_ends = sorted(set(sentence_ends))
         self.layers = [find_module(model, name) for name in self.modules]
         self.dims = [input_output_dims(layer) for layer in self.layers]
         device = next(model.parameters()).device
@@ -99,6 +109,7 @@ class EditMemory:
         self.slots: list[Slot] = []
         self._slot_of: dict[str, int] = {}
         self._table: _PatternTable | None = None
+        self._ends_table: torch.Tensor | None = None  # token id -> whether it ends a sentence
         self._open: _OpenSlots | None = None
         self._tail: torch.Tensor | None = None  # each row's last tokens, for mentions that span decoding steps
         self._training: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -110,11 +121,13 @@ class EditMemory:
 
     # --- building ------------------------------------------------------------------------------
     @classmethod
-    def attach(cls, model: torch.nn.Module, modules: tuple[str, ...], rank: int) -> "EditMemory":
-        """The model's memory: the one it has (its modules and rank must match), else a new, empty one."""
+    def attach(cls, model: torch.nn.Module, modules: tuple[str, ...], rank: int,
+               sentence_ends: list[int] = ()) -> "EditMemory":
+        """The model's memory: the one it has (its modules and rank must match), else a new, empty one whose
+        gates close at ``sentence_ends`` (token ids, see :func:`sentence_end_ids`; none: at the text's end)."""
         memory = cls.of(model)
         if memory is None:
-            memory = cls(model, modules, rank)
+            memory = cls(model, modules, rank, list(sentence_ends))
         elif (memory.modules, memory.rank) != (tuple(modules), rank):
             raise ValueError(f"the model's edit memory has rank {memory.rank} on {list(memory.modules)}; the settings "
                              f"ask for rank {rank} on {list(modules)}: use the memory's settings")
@@ -258,38 +271,55 @@ class EditMemory:
         return torch.cat(rows), torch.cat(ends), torch.cat(slots)
 
     def _gate_hook(self, model, args, kwargs):
-        """Before every forward pass of the model: which slots are open in which rows, from which position."""
+        """Before every forward pass of the model: which slots are open in which rows, over which positions."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or not self.slots:
             self._open = None
             return
         if self.A[0].device != ids.device:  # the model was moved after the memory was made
             self.A, self.B = [a.to(ids.device) for a in self.A], [b.to(ids.device) for b in self.B]
-            self._table = None
+            self._table = self._ends_table = None
         past = self._past_length(kwargs)
         continuing = past > 0 and self._open is not None and self._tail is not None and len(self._tail) == len(ids)
-        if continuing:
-            context, offset = torch.cat([self._tail, ids], 1), past - self._tail.shape[1]
-            previous = (self._open.rows, self._open.slots, self._open.starts)
-        else:
-            context, offset = ids, past
-            previous = None
+        context, offset = (torch.cat([self._tail, ids], 1), past - self._tail.shape[1]) if continuing else (ids, past)
         row, end, slot = self.mentions(context)
         end = end + offset
-        if previous is not None:
-            row, slot, end = torch.cat([previous[0], row]), torch.cat([previous[1], slot]), torch.cat([previous[2], end])
+        close = self._closes(context, offset, row, end)
+        if continuing:  # earlier gates stay, and one still open closes at this step's first sentence end
+            earlier = self._open
+            still_open = earlier.closes == NEVER
+            earlier_close = torch.where(still_open, self._closes(context, offset, earlier.rows, earlier.starts),
+                                        earlier.closes)
+            row, slot = torch.cat([earlier.rows, row]), torch.cat([earlier.slots, slot])
+            end, close = torch.cat([earlier.starts, end]), torch.cat([earlier_close, close])
+            live = close > past  # gates closed before this step are done
+            row, slot, end, close = row[live], slot[live], end[live], close[live]
         else:
             self.sequences_seen += len(ids)
             self.sequences_gated += len(torch.unique(row))
-        if len(row):  # the earliest opening of each (row, slot)
-            key = row * len(self.slots) + slot
-            unique, inverse = torch.unique(key, return_inverse=True)
-            first = torch.full((len(unique),), torch.iinfo(torch.long).max, dtype=torch.long, device=ids.device)
-            first = first.scatter_reduce(0, inverse, end, "amin")
-            row, slot, end = unique // len(self.slots), unique % len(self.slots), first
-        self._open = _OpenSlots(row, slot, end, past)
+        if len(row):  # one gate per (row, slot, sentence), open from the sentence's first mention
+            unique, inverse = torch.unique(torch.stack([row, slot, close], 1), dim=0, return_inverse=True)
+            first = torch.full((len(unique),), NEVER, dtype=torch.long, device=ids.device)
+            end = first.scatter_reduce(0, inverse, end, "amin")
+            row, slot, close = unique.unbind(1)
+        self._open = _OpenSlots(row, slot, end, close, past)
         longest = self._pattern_table().tokens.shape[1]
         self._tail = context[:, max(0, context.shape[1] - (longest - 1)):] if longest > 1 else ids[:, :0]
+
+    def _closes(self, context: torch.Tensor, offset: int, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """For gates opened at absolute ``starts`` in ``rows``: the absolute position of the first sentence-ending
+        token after the start in ``context`` (whose first token is at ``offset``), else NEVER."""
+        if self._ends_table is None:
+            table = torch.zeros(max(self.sentence_ends, default=-1) + 1, dtype=torch.bool, device=context.device)
+            table[self.sentence_ends] = True
+            self._ends_table = table
+        table = self._ends_table
+        ends = table[context.clamp(0, len(table) - 1)] & (context < len(table)) if len(table) else torch.zeros_like(
+            context, dtype=torch.bool)
+        positions = offset + torch.arange(context.shape[1], device=context.device)
+        after = ends[rows] & (positions[None, :] > starts[:, None])  # [gates, T]
+        found = after.any(1)
+        return torch.where(found, positions[after.to(torch.uint8).argmax(1)], torch.full_like(starts, NEVER))
 
     @staticmethod
     def _past_length(kwargs) -> int:
@@ -316,8 +346,8 @@ class EditMemory:
                 b = torch.where(training, trained_b[module_index], b)
             if self._muted is not None:
                 b = b * (slots != self._muted)[:, None, None]
-            positions = opened.past + torch.arange(x.shape[1], device=x.device)
-            open_at = (positions[None, :] >= opened.starts[:, None]).to(torch.float32)  # [M, T]
+            positions = opened.past + torch.arange(x.shape[1], device=x.device)[None, :]
+            open_at = ((positions >= opened.starts[:, None]) & (positions < opened.closes[:, None])).float()  # [M, T]
             change = torch.bmm(torch.bmm(x[opened.rows].float(), a), b) * open_at[..., None]
             return output.index_add(0, opened.rows, change.to(output.dtype))
 
@@ -345,7 +375,7 @@ class EditMemory:
         count = len(self.slots)
         tensors = {f"A.{i}": a[:count].contiguous().cpu() for i, a in enumerate(self.A)}
         tensors |= {f"B.{i}": b[:count].contiguous().cpu() for i, b in enumerate(self.B)}
-        index = {"format": 1, "modules": list(self.modules), "rank": self.rank,
+        index = {"format": 2, "modules": list(self.modules), "rank": self.rank, "sentence_ends": self.sentence_ends,
                  "slots": [{"subject": s.subject, "patterns": s.patterns, "facts": [asdict(f) for f in s.facts]}
                            for s in self.slots]}
         path = Path(directory) / MEMORY_FILE
@@ -361,7 +391,7 @@ class EditMemory:
         with safe_open(path, "pt") as handle:
             index = json.loads(handle.metadata()["index"])
         tensors = load_file(path)
-        memory = cls.attach(model, tuple(index["modules"]), index["rank"])
+        memory = cls.attach(model, tuple(index["modules"]), index["rank"], index.get("sentence_ends", ()))
         device = memory.A[0].device
         memory.A = [tensors[f"A.{i}"].to(device) for i in range(len(memory.layers))]
         memory.B = [tensors[f"B.{i}"].to(device) for i in range(len(memory.layers))]

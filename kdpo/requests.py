@@ -47,6 +47,11 @@ class EditRequest:
         """The part of the request an editor trains on."""
         return Fact(self.case_id, self.subject, self.prompt, self.target_new, self.ground_truth)
 
+    @property
+    def evaluation_prompts(self) -> tuple[str, ...]:
+        """The prompts generalization, locality and portability are measured on (never an editor's input)."""
+        return (*self.rephrase_prompts, *(item.prompt for item in (*self.locality, *self.portability)))
+
     def to_dict(self) -> dict:
         """The project's JSONL record for this request."""
         record = asdict(self)

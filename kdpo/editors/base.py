@@ -25,14 +25,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpo.layers import find_module, input_output_dims
 from kdpo.losses import answer_margin, kl_to_reference
-from kdpo.memory import EditMemory, subject_patterns
+from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
 from kdpo.modeling import IGNORE, TeacherForcedBatch, encode_pairs, forward_logits
 from kdpo.protection import NULL_SPACE_RULES, ProtectedSubspace
 from kdpo.requests import EditRequest, Fact
+from kdpo.text import sentences
 
 PROTECTIONS = ("memory", "null-space", "none")
 CONTEXT_COPIES = 2  # memory: each fact is also trained behind this many random corpus lines
-PRESERVED_TEXTS = 6  # memory: at most this many corpus lines about the subject are kept as they were
+PRESERVED_TEXTS = 16  # memory: at most this many corpus lines about the subject are kept as they were
 OPTIMIZERS = ("adam", "sgd")
 EDIT_KEY_MODES = ("soft", "hard", "hard-then-soft")
 HARD_RESERVE = 0.1  # hard-then-soft: bar edits' keys until only this share of a module's key directions is free
@@ -166,7 +167,8 @@ class Editor(ABC):
         self.corpus = corpus or []
         self.memory = None
         if self.config.protection == "memory":
-            self.memory = EditMemory.attach(model, self.config.memory_modules, self.config.memory_rank)
+            self.memory = EditMemory.attach(model, self.config.memory_modules, self.config.memory_rank,
+                                            sentence_end_ids(tokenizer))
         elif EditMemory.of(model) is not None:
             raise ValueError("this model carries an edit memory: edit it with protection 'memory', so that the "
                              "memory's edits and weight edits do not overlap unseen")
@@ -244,7 +246,8 @@ class Editor(ABC):
             joint = _stack(batch, preserved[0], self.tokenizer.pad_token_id)
             batch = TeacherForcedBatch(joint.input_ids[: len(rows)], joint.attention_mask[: len(rows)],
                                        joint.labels[: len(rows)])
-            kept = torch.nn.functional.pad(preserved[1], (0, joint.input_ids.shape[1] - preserved[1].shape[1]))
+            kept, held = (torch.nn.functional.pad(mask, (0, joint.input_ids.shape[1] - mask.shape[1]))
+                          for mask in preserved[1:])
         else:
             joint = batch
         parameters = self.memory.trainable(slot)
@@ -255,11 +258,15 @@ class Editor(ABC):
                 if preserved is not None:
                     with self.memory.muted(slot):
                         reference = forward_logits(self.model, joint)[len(rows):].log_softmax(-1)
+            def done(logits: torch.Tensor) -> bool:  # the edit is made and each answered sentence still ends
+                return self.reached(logits[: len(rows)], batch) and (
+                    preserved is None or _same_argmax(logits[len(rows):], reference, held))
+
             optimizer = torch.optim.Adam(parameters, lr=self.config.lr)
             reached = False
             for _ in range(self.config.max_steps):
                 logits = forward_logits(self.model, joint)
-                if self.reached(logits[: len(rows)], batch):
+                if done(logits):
                     reached = True
                     break
                 loss = self.edit_loss(logits[: len(rows)], batch)
@@ -272,7 +279,7 @@ class Editor(ABC):
                 losses.append(loss.item())
             else:
                 with torch.no_grad():
-                    reached = self.reached(forward_logits(self.model, batch), batch)
+                    reached = done(forward_logits(self.model, joint))
         finally:
             self.memory.store()
         return EditOutcome(len(losses), time.perf_counter() - started, losses, reached,
@@ -290,16 +297,20 @@ class Editor(ABC):
                               fact.target_new, fact.ground_truth) for _ in range(CONTEXT_COPIES)]
         return rows
 
-    def _preserved_text(self, facts: list[Fact]) -> tuple[TeacherForcedBatch, torch.Tensor] | None:
-        """Text whose predictions the slot must leave as they were, and the positions where: up to
-        ``PRESERVED_TEXTS`` corpus lines that mention the subject but none of the answers its facts change (the
-        subject's other facts, as the model knew them), and each fact answered and followed by a corpus line,
-        from the token after the answer on (the slot must not change how the text goes on)."""
+    def _preserved_text(self, facts: list[Fact]) -> tuple[TeacherForcedBatch, torch.Tensor, torch.Tensor] | None:
+        """Text whose predictions the slot must leave as they were, the positions where, and the positions whose
+        greedy token must stay for the edit to count as done (each answer's next token: the sentence still ends
+        where it did). The text: up to
+        ``PRESERVED_TEXTS`` corpus lines that mention the subject, less their sentences that hold an answer its
+        facts change (the subject's other facts, as the model knew them), and each fact answered and followed
+        by a corpus line, from the token after the answer on (the slot must not change how the text goes on)."""
         if not self.config.memory_preserve_weight:
             return None
         subject = facts[0].subject.strip()
         changed = [f.ground_truth for f in facts if f.ground_truth] + [f.target_new for f in facts]
-        lines = [line for line in self.corpus if subject in line and not any(answer in line for answer in changed)]
+        kept = (" ".join(s for s in sentences(line) if not any(answer in s for answer in changed))
+                for line in self.corpus if subject in line)
+        lines = [line for line in kept if subject in line]
         lines = random.Random(subject).sample(lines, min(PRESERVED_TEXTS, len(lines)))
         starts = [0] * len(lines)
         for fact in facts:
@@ -310,8 +321,10 @@ class Editor(ABC):
         encoded = self.tokenizer(lines, return_tensors="pt", padding=True, padding_side="right").to(self.device)
         ids, attention = encoded["input_ids"], encoded["attention_mask"]
         starts = torch.tensor(starts, device=self.device)
-        after = torch.arange(ids.shape[1], device=self.device)[None, :] >= starts[:, None]
-        return TeacherForcedBatch(ids, attention, torch.full_like(ids, IGNORE)), attention * after
+        positions = torch.arange(ids.shape[1], device=self.device)[None, :]
+        answered = torch.arange(len(lines), device=self.device)[:, None] >= len(lines) - len(facts)
+        return (TeacherForcedBatch(ids, attention, torch.full_like(ids, IGNORE)), attention * (positions >= starts[:, None]),
+                answered & (positions == starts[:, None]))
 
     # --- weight edits ------------------------------------------------------------------------
     def _edit_weights(self, fact: Fact) -> EditOutcome:
@@ -432,6 +445,11 @@ class Editor(ABC):
                 subspace.add_soft_keys(inputs[mask], self.config.edit_key_weight, self.config.commit_ridge)
             else:
                 subspace.add_keys(inputs[mask])
+
+
+def _same_argmax(logits: torch.Tensor, reference: torch.Tensor, where: torch.Tensor) -> bool:
+    """Whether the greedy token of ``logits`` equals the reference's at every position of the mask ``where``."""
+    return bool((logits.argmax(-1) == reference.argmax(-1))[where.bool()].all())
 
 
 def _stack(first: TeacherForcedBatch, second: TeacherForcedBatch, pad: int) -> TeacherForcedBatch:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from kdpo.loaders import EditDataError
 from kdpo.requests import EditRequest
 
 if TYPE_CHECKING:  # GX takes seconds to import; it is imported where it is used.
@@ -205,8 +206,11 @@ def _ephemeral_context():
 
 
 def validate_requests(requests: Sequence[EditRequest], limits: CheckLimits = CheckLimits(),
-                      docs_dir: str | Path | None = None) -> CheckReport:
+                      docs_dir: str | Path | None = None, source: str | Path | None = None) -> CheckReport:
     """Run the suite on ``requests`` (on a fresh ephemeral GX context) and report per record.
+
+    No requests at all (an empty edit file) fail the gate: :class:`~kdpo.loaders.EditDataError`
+    naming ``source``, the file they came from, is raised before GX runs.
 
     With ``docs_dir``, also writes ``validation.json`` (GX's validation result) and
     ``index.html``. The HTML is rendered here as one self-contained page (a table of the
@@ -218,6 +222,8 @@ def validate_requests(requests: Sequence[EditRequest], limits: CheckLimits = Che
     import great_expectations as gx
 
     requests = list(requests)
+    if not requests:
+        raise EditDataError(source, "no edit requests: an empty edit file fails the data gate")
     frame = requests_frame(requests)
     context = _ephemeral_context()
     batch_definition = (context.data_sources.add_pandas("edit_requests")

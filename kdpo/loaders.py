@@ -10,10 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdpo.requests import EditRequest, LoadedRequests, PromptAnswer, SkippedRecord
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FORMATS = (
     "counterfact",  # EasyEdit CounterFact (flat strings)
@@ -30,29 +35,45 @@ _LIST_FIELDS = ("rephrase_prompts", "locality", "portability")
 _Triple = tuple[int, int | None, object]  # (record index, line number or None, raw record)
 
 
+# line breaks, other control characters and lone surrogates: escaped so that a message is one printable line
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks, control characters and lone surrogates escaped (``\\n``, ``\\ud800``)."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape", "backslashreplace")
+                            .decode("ascii"), text)
+
+
+def error_line(path, reason: str, *, index=None, case_id=None, field=None, line=None) -> str:
+    """One line naming the file, line, record (with its case_id) and field that ``reason`` is about."""
+    where = [] if path is None else [str(path)]
+    if line is not None:
+        where.append(f"line {line}")
+    if index is not None:
+        where.append(f"record {index}" + ("" if case_id is None else f" (case_id {case_id})"))
+    if field is not None:
+        where.append(f"field '{field}'")
+    return one_line(": ".join([*where, reason]))
+
+
 class EditDataError(ValueError):
     """A data file, or one of its records, that cannot be turned into edit requests.
 
-    ``index`` (0-based record index), ``case_id`` and ``field`` are None where they do not
-    apply (file-level errors); ``line`` is the 1-based line number where it is known, and
-    ``reason`` the message without the location.
+    ``path`` is None for requests that came from no file. ``index`` (0-based record index),
+    ``case_id`` and ``field`` are None where they do not apply (file-level errors); ``line`` is
+    the 1-based line number where it is known, and ``reason`` the message without the location.
+    The message is one line (see :func:`error_line`).
     """
 
     def __init__(self, path, reason, *, index=None, case_id=None, field=None, line=None):
-        self.path = Path(path)
+        self.path = None if path is None else Path(path)
         self.reason = reason
         self.index = index
         self.case_id = case_id
         self.field = field
         self.line = line
-        where = [str(path)]
-        if line is not None:
-            where.append(f"line {line}")
-        if index is not None:
-            where.append(f"record {index}" + ("" if case_id is None else f" (case_id {case_id})"))
-        if field is not None:
-            where.append(f"field '{field}'")
-        super().__init__(": ".join([*where, reason]))
+        super().__init__(error_line(path, reason, index=index, case_id=case_id, field=field, line=line))
 
 
 class _FieldError(Exception):
@@ -85,10 +106,19 @@ def _clean_str(value, label: str, *, required: bool) -> str | None:
     """``value`` stripped; None or empty gives None, or an error when ``required``."""
     if value is not None and not isinstance(value, str):
         raise _FieldError(label, f"must be a string, got {_type_name(value)}")
+    _check_unicode(value, label)
     text = (value or "").strip()
     if required and not text:
         raise _FieldError(label, "must be a non-empty string")
     return text or None
+
+
+def _check_unicode(text: str | None, label: str) -> None:
+    """An error for a string that is not valid Unicode (JSON's ``\\ud800`` escapes give lone surrogates)."""
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _FieldError(label, f"not valid Unicode: lone surrogate at character {err.start}") from None
 
 
 def _require_str(record: dict, field: str, label: str | None = None) -> str:
@@ -178,6 +208,8 @@ def _case_id(record: dict, index: int) -> str:
     value = record.get("case_id")
     if isinstance(value, bool) or not isinstance(value, (int, str, type(None))):
         raise _FieldError("case_id", f"must be a string or an integer, got {_type_name(value)}")
+    if isinstance(value, str):
+        _check_unicode(value, "case_id")
     text = "" if value is None else str(value).strip()
     return text or str(index)
 
@@ -276,9 +308,9 @@ def _from_csv_row(record: dict, case_id: str) -> EditRequest:
     for field in _LIST_FIELDS:
         cell = (record.get(field) or "").strip()
         try:
-            decoded[field] = json.loads(cell) if cell else None
-        except json.JSONDecodeError as err:
-            raise _FieldError(field, f"cell is not valid JSON: {err.msg}") from None
+            decoded[field] = _loads(cell) if cell else None
+        except _BadJSON as err:
+            raise _FieldError(field, f"cell is not valid JSON: {err.reason}") from None
     return _from_project(decoded, case_id)
 
 
@@ -297,6 +329,27 @@ _MAPPERS: dict[str, Callable[[dict, str], EditRequest]] = {
 # ---------------------------------------------------------------- reading files
 
 
+class _BadJSON(Exception):
+    """Text that is not JSON; ``reason`` says why, ``line`` where when it is known."""
+
+    def __init__(self, reason: str, line: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.line = line
+
+
+def _loads(text: str):
+    """``json.loads``, with every way of failing (huge integers and deep nesting too) as :class:`_BadJSON`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _BadJSON(f"{err.msg} (column {err.colno})", err.lineno) from None
+    except ValueError as err:  # Python's limit on the digits of an integer
+        raise _BadJSON(str(err).split(";")[0]) from None
+    except RecursionError:
+        raise _BadJSON("nested too deeply") from None
+
+
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise EditDataError(path, "file not found" if not path.exists() else "not a file")
@@ -306,15 +359,15 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        raise EditDataError(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise EditDataError(path, f"not UTF-8 text ({err.reason} at byte {err.start})",
+                            line=err.object.count(b"\n", 0, err.start) + 1) from None
 
 
 def _read_json_array(path: Path) -> list:
     try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise EditDataError(path, f"invalid JSON: {err.msg} (column {err.colno})",
-                            line=err.lineno) from None
+        data = _loads(_read_text(path))
+    except _BadJSON as err:
+        raise EditDataError(path, f"invalid JSON: {err.reason}", line=err.line) from None
     if not isinstance(data, list):
         raise EditDataError(path, f"expected a JSON array of records, got {_type_name(data)}")
     return data
@@ -327,10 +380,9 @@ def _jsonl_records(path: Path) -> Iterator[_Triple]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EditDataError(path, f"invalid JSON: {err.msg} (column {err.colno})",
-                                index=index, line=line_no) from None
+            record = _loads(line)
+        except _BadJSON as err:
+            raise EditDataError(path, f"invalid JSON: {err.reason}", index=index, line=line_no) from None
         yield index, line_no, record
         index += 1
 
@@ -361,7 +413,8 @@ def _parquet_records(path: Path) -> Iterator[_Triple]:
 
     try:
         frame = pl.read_parquet(path)
-    except (pl.exceptions.PolarsError, OSError, ValueError) as err:
+    except (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError, ValueError) as err:  # a damaged
+        # file can make polars' reader panic (PanicException is a BaseException)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EditDataError(path, f"cannot read Parquet: {reason}") from None
     for index, row in enumerate(frame.iter_rows(named=True)):
@@ -431,11 +484,12 @@ def load_requests(path, format: str = "auto", skip_invalid: bool = False,
 
     ``format`` is "auto" or one of :data:`FORMATS`. An invalid record raises
     :class:`EditDataError`, or with ``skip_invalid`` is left out and listed in ``skipped``
-    (a file that cannot be parsed always raises). ``limit`` keeps the first N valid records.
+    (a file that cannot be parsed always raises). ``limit`` (at least 1) keeps the first N
+    valid records; every record of the file is still checked, so an error after them is not missed.
     """
     path = Path(path)
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     records = None
     if format == "auto":
         format, records = _detect(path)
@@ -449,17 +503,17 @@ def load_requests(path, format: str = "auto", skip_invalid: bool = False,
     else:
         records = _read_json_array(path) if records is None else records
         triples = ((index, None, record) for index, record in enumerate(records))
-    return _map_records(path, format, triples, skip_invalid, limit)
+    loaded = _map_records(path, format, triples, skip_invalid)
+    if limit is not None:
+        del loaded.requests[limit:]
+    return loaded
 
 
-def _map_records(path: Path, format: str, triples: Iterable[_Triple], skip_invalid: bool,
-                 limit: int | None) -> LoadedRequests:
+def _map_records(path: Path, format: str, triples: Iterable[_Triple], skip_invalid: bool) -> LoadedRequests:
     """Map raw records with the format's mapper, raising or collecting what is invalid."""
     mapper = _MAPPERS[format]
     loaded = LoadedRequests(requests=[], format=format)
     for index, line, record in triples:
-        if limit is not None and len(loaded.requests) >= limit:
-            break
         case_id = None
         try:
             if not isinstance(record, dict):
@@ -470,8 +524,46 @@ def _map_records(path: Path, format: str, triples: Iterable[_Triple], skip_inval
             if not skip_invalid:
                 raise EditDataError(path, err.reason, index=index, case_id=case_id,
                                     field=err.field, line=line) from None
-            loaded.skipped.append(SkippedRecord(index, case_id, err.field or "", err.reason))
+            loaded.skipped.append(SkippedRecord(index, case_id, err.field, err.reason))
     return loaded
+
+
+def context_limit(config) -> int | None:
+    """How many positions a model's config allows (``max_position_embeddings``, or GPT-2's
+    ``n_positions``); None when it names no limit."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+
+
+def check_context(requests: Iterable[EditRequest], tokenizer: "PreTrainedTokenizerBase",
+                  max_positions: int | None, source=None) -> None:
+    """Raise :class:`EditDataError` for the first prompt that, with its answer, does not fit the model's context.
+
+    Every teacher-forced sequence the editors and metrics build (``prompt + " " + answer``, tokenized
+    as :func:`kdpo.modeling.encode_pairs` does) must be at most ``max_positions`` tokens (see
+    :func:`context_limit`; None checks nothing). The error names ``source`` (the edit file), the
+    record index, its case_id, the field and the limit.
+    """
+    from kdpo.modeling import answer_token_ids
+
+    if max_positions is None:
+        return
+    for index, request in enumerate(requests):
+        pairs = [("prompt", request.prompt, "target_new", request.target_new)]
+        if request.ground_truth:
+            pairs.append(("prompt", request.prompt, "ground_truth", request.ground_truth))
+        pairs += [(f"rephrase_prompts[{i}]", prompt, "target_new", request.target_new)
+                  for i, prompt in enumerate(request.rephrase_prompts)]
+        pairs += [(f"{kind}[{i}].prompt", item.prompt, f"{kind}[{i}].ground_truth", item.ground_truth)
+                  for kind in ("locality", "portability") for i, item in enumerate(getattr(request, kind))]
+        prompt_lengths = [len(ids) for ids in tokenizer([prompt for _, prompt, _, _ in pairs])["input_ids"]]
+        for (prompt_field, _, answer_field, answer), prompt_length in zip(pairs, prompt_lengths):
+            length = prompt_length + len(answer_token_ids(tokenizer, answer))
+            if length > max_positions:
+                raise EditDataError(
+                    source, f"{length} tokens with its answer ({prompt_length} in the prompt), over the model's "
+                            f"context of {max_positions} positions", index=index, case_id=request.case_id,
+                    field=prompt_field if prompt_length >= max_positions else answer_field)
 
 
 def write_jsonl(requests: Iterable[EditRequest], path) -> int:

@@ -1,9 +1,12 @@
 """The Great Expectations gate on edit requests: clean data passes, each bad record is named."""
 import json
 
+import polars as pl
 import pytest
 
 from data_checks import CHECKS, CheckLimits, requests_frame, split_valid, validate_requests
+from data_checks.edit_requests import REQUIRED_FIELDS
+from kdpo.loaders import EditDataError, load_requests
 from kdpo.requests import EditRequest, PromptAnswer
 
 
@@ -113,9 +116,18 @@ def test_frame_has_derived_columns():
     assert requests_frame([]).height == 0
 
 
-def test_empty_request_list_passes():
-    report = validate_requests([])
-    assert report.success and report.failures == [] and report.statistics["n_records"] == 0
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_an_empty_edit_file_fails_the_gate_naming_the_file(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    if suffix == ".parquet":
+        pl.DataFrame(schema={name: pl.String for name in REQUIRED_FIELDS}).write_parquet(path)
+    else:
+        path.write_text({".jsonl": "\n\n", ".json": "[]", ".csv": ",".join(REQUIRED_FIELDS) + "\n"}[suffix])
+    requests = load_requests(path, format="json" if suffix == ".json" else "auto").requests
+    assert requests == []
+    with pytest.raises(EditDataError) as error:
+        validate_requests(requests, source=path)
+    assert str(error.value) == f"{path}: no edit requests: an empty edit file fails the data gate"
 
 
 def test_repeated_records_are_all_reported():

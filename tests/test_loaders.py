@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from kdpo.loaders import FORMATS, EditDataError, detect_format, load_requests, write_jsonl
+from kdpo.loaders import (
+    FORMATS, EditDataError, check_context, context_limit, detect_format, load_requests, write_jsonl,
+)
 from kdpo.requests import EditRequest, PromptAnswer
 from shared_data import shared_file
 
@@ -417,19 +420,21 @@ def test_skip_invalid_lists_skipped_records(tmp_path):
         (3, "3", "subject", "must be a string, got number")]
 
 
-def test_limit_keeps_first_valid_records_and_stops_reading(tmp_path):
+def test_limit_keeps_first_valid_records_and_checks_the_whole_file(tmp_path):
     records = [dict(COUNTERFACT[0], case_id=i) for i in range(5)]
     records[1]["target_new"] = ""
     records[4]["target_new"] = ""
     path = write_json(tmp_path / "cf.json", records)
     loaded = load_requests(path, skip_invalid=True, limit=2)
     assert [r.case_id for r in loaded.requests] == ["0", "2"]
-    assert [s.index for s in loaded.skipped] == [1]
-    # records after the limit are not looked at
-    assert len(load_requests(path, limit=1).requests) == 1
-    assert load_requests(path, limit=0).requests == []
-    with pytest.raises(ValueError):
-        load_requests(path, limit=-1)
+    assert [s.index for s in loaded.skipped] == [1, 4]  # record 4, after the first two, was checked too
+    error = raises(path, limit=1)  # the bad record 1 is after the one kept, and still stops the load
+    assert (error.index, error.field) == (1, "target_new")
+    records[1]["target_new"] = records[4]["target_new"] = "English"
+    assert len(load_requests(write_json(path, records), limit=1).requests) == 1
+    for limit in (0, -1):
+        with pytest.raises(ValueError, match="at least 1"):
+            load_requests(path, limit=limit)
 
 
 # ---------------------------------------------------------------- the shared data files
@@ -461,3 +466,69 @@ def test_shared_zsre_mend_500():
     assert first.locality[0].prompt.startswith("nq question: ")
     assert [r.case_id for r in loaded.requests] == [str(i) for i in range(500)]
     assert all(r.rephrase_prompts and r.locality for r in loaded.requests)
+
+
+# ---------------------------------------------------------------- hardening found by the fuzz test
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('[{"case_id": ' + "9" * 5000 + "}]", "invalid JSON: Exceeds the limit (4300 digits)"),
+    ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply"),
+])
+def test_json_python_cannot_parse_is_a_file_error(tmp_path, text, reason):
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    assert str(raises(path)).startswith(f"{path}: {reason}")
+
+
+def test_lone_surrogates_and_line_breaks_are_named_in_one_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    record = dict(REQUESTS[1].to_dict(), case_id="a\nb\u2028c")
+    path.write_text(json.dumps(record) + "\n" + json.dumps(dict(record, case_id="x", subject="\ud800")) + "\n")
+    error = raises(path)
+    assert str(error) == (f"{path}: line 2: record 1 (case_id x): field 'subject': "
+                          "not valid Unicode: lone surrogate at character 0")
+    path.write_text(json.dumps(dict(record, target_new=3)) + "\n")
+    assert str(raises(path)) == (f"{path}: line 1: record 0 (case_id a\\nb\\u2028c): field 'target_new': "
+                                 "must be a string, got number")
+    path.write_bytes(b'{"case_id": 1}\n{"subject": "\xff"}\n')
+    error = raises(path)
+    assert (error.line, str(error)) == (2, f"{path}: line 2: not UTF-8 text (invalid start byte at byte 28)")
+
+
+def test_damaged_parquet_that_makes_polars_panic(tmp_path):
+    path = tmp_path / "r.parquet"
+    pl.DataFrame([r.to_dict() for r in REQUESTS] * 2).write_parquet(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:200] + bytes(16) + data[216:])
+    assert str(raises(path)).startswith(f"{path}: cannot read Parquet")
+
+
+def test_context_limit_of_llama_and_gpt2_configs():
+    from transformers import GPT2Config, LlamaConfig
+
+    assert context_limit(LlamaConfig(max_position_embeddings=64)) == 64
+    assert context_limit(GPT2Config(n_positions=32)) == 32
+
+
+def test_check_context_names_record_field_and_limit(tmp_path):
+    from kdpo.world.build import build_tokenizer
+
+    tokenizer = build_tokenizer([r.prompt + " " + r.target_new for r in REQUESTS])
+    check_context(REQUESTS, tokenizer, 64, "edits.jsonl")  # everything fits
+    long_locality = PromptAnswer("word " * 80, "x")
+    cases = [
+        (replace(REQUESTS[1], prompt="word " * 80), "prompt"),  # the prompt alone is too long
+        (replace(REQUESTS[1], target_new="word " * 80), "target_new"),  # the prompt fits, not with its answer
+        (replace(REQUESTS[1], ground_truth="word " * 80), "ground_truth"),
+        (replace(REQUESTS[1], rephrase_prompts=("ok", "word " * 80)), "rephrase_prompts[1]"),
+        (replace(REQUESTS[0], portability=(REQUESTS[0].portability[0], long_locality)), "portability[1].prompt"),
+        (replace(REQUESTS[0], locality=(PromptAnswer("ok", "word " * 80),)), "locality[0].ground_truth"),
+    ]
+    for request, field in cases:
+        with pytest.raises(EditDataError) as error:
+            check_context([REQUESTS[0], request], tokenizer, 64, "edits.jsonl")
+        assert (error.value.index, error.value.case_id, error.value.field) == (1, request.case_id, field)
+        assert str(error.value).startswith(f"edits.jsonl: record 1 (case_id {request.case_id}): field '{field}': ")
+        assert str(error.value).endswith("over the model's context of 64 positions")
+    check_context([cases[0][0]], tokenizer, None)  # no limit known: nothing to check

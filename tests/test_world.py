@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdpo.loaders import load_requests, write_jsonl
+from kdpo.loaders import EditDataError, load_requests, write_jsonl
+from kdpo.requests import EditRequest
 from kdpo.world import WorldConfig, build_world
 from kdpo.world.build import DATA, request_facts, table_facts, world_key
 from shared_data import shared_file
@@ -68,7 +69,7 @@ def test_build_is_deterministic_and_cached(tmp_path, monkeypatch):
 def test_world_from_an_edit_file_learns_its_true_facts(tmp_path, tiny_requests):
     path = tmp_path / "edits.jsonl"
     write_jsonl(tiny_requests[:5], path)
-    training, held_out, requests = request_facts(path)
+    training, held_out, requests = request_facts(load_requests(path).requests, path)
     assert held_out == [] and len(requests) == 5
     answers = {f.prompt: f.answer for f in training}
     for request in requests:
@@ -85,5 +86,16 @@ def test_world_from_an_edit_file_learns_its_true_facts(tmp_path, tiny_requests):
 
 
 def test_world_facts_from_shared_counterfact():
-    training, _, requests = request_facts(shared_file("counterfact-edit-2k.json"))
+    path = shared_file("counterfact-edit-2k.json")
+    training, _, requests = request_facts(load_requests(path).requests, path)
     assert len(requests) == 2000 and len(training) >= 4000
+
+
+def test_a_file_without_true_answers_is_a_one_line_data_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDPO_HOME", str(tmp_path / "home"))
+    path = tmp_path / "edits.jsonl"
+    write_jsonl([EditRequest("a", "Ann", "Ann lives in", "Lima")], path)
+    with pytest.raises(EditDataError) as error:
+        build_world(WorldConfig(**MICRO), from_file=path, progress=False)
+    assert str(error.value) == f"{path}: no request has a ground_truth, so there is no true fact to learn"
+    assert not (tmp_path / "home").exists()  # refused before anything was written

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kdpo.evaluation import score_pairs
-from kdpo.loaders import load_requests, write_jsonl
+from kdpo.loaders import EditDataError, load_requests, write_jsonl
 from kdpo.requests import EditRequest, PromptAnswer
 
 DATA = Path(__file__).parent / "data"
@@ -152,11 +152,11 @@ def table_facts(config: WorldConfig, facts_csv: Path = DATA / "facts.csv", relat
     return training, held_out, edits
 
 
-def request_facts(path: Path):
-    """Training facts from an edit-request file: its prompts with their true answers."""
-    requests = [r for r in load_requests(path).requests if r.ground_truth]
+def request_facts(requests: list[EditRequest], source: str | Path):
+    """Training facts from the requests of the edit file ``source``: their prompts with their true answers."""
+    requests = [r for r in requests if r.ground_truth]
     if not requests:
-        raise ValueError(f"{path}: no request has a ground_truth, so there is no true fact to learn")
+        raise EditDataError(source, "no request has a ground_truth, so there is no true fact to learn")
     seen, training = set(), []
     for request in requests:
         items = [TrainingFact(request.prompt, request.ground_truth, "main")]
@@ -317,19 +317,26 @@ def world_key(source_files: list[Path], config: WorldConfig, build_format: int =
 
 def build_world(
     config: WorldConfig | None = None, from_file: str | Path | None = None, out: str | Path | None = None,
-    force: bool = False, progress: bool = True,
+    force: bool = False, progress: bool = True, skip_invalid: bool = False,
 ) -> World:
-    """Build (or reuse from the cache) a world; returns it with its metadata (recall, timings)."""
+    """Build (or reuse from the cache) a world; returns it with its metadata (recall, timings).
+
+    ``from_file`` is read whole first, cached or not: an invalid record raises :class:`EditDataError`
+    naming the file, record and field, or with ``skip_invalid`` is left out and listed in the
+    world's ``info["skipped"]`` (each a :class:`~kdpo.requests.SkippedRecord` as a dict).
+    """
     config = config or WorldConfig()
+    loaded = load_requests(from_file, skip_invalid=skip_invalid) if from_file else None
+    skipped = {"skipped": [asdict(record) for record in loaded.skipped]} if loaded else {}
     sources = [Path(from_file)] if from_file else [DATA / "facts.csv", DATA / "relations.json"]
     key = world_key(sources, config, FILE_WORLD_FORMAT if from_file else WORLD_FORMAT)
     target = Path(out) if out else cache_root() / key
     info_path = target / "world.json"
     if not force and info_path.exists() and json.loads(info_path.read_text()).get("key") == key:
-        return World(target, json.loads(info_path.read_text()) | {"cached": True})
+        return World(target, json.loads(info_path.read_text()) | skipped | {"cached": True})
 
     started = time.perf_counter()
-    training, held_out, edits = request_facts(Path(from_file)) if from_file else table_facts(config)
+    training, held_out, edits = request_facts(loaded.requests, from_file) if loaded else table_facts(config)
     model, tokenizer, report = train_world(training, held_out, config, progress)
     info = {
         "key": key,
@@ -343,6 +350,7 @@ def build_world(
         "seconds": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
         **report,
+        **skipped,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))

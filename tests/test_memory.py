@@ -8,7 +8,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from kdpo.editing import build_editor, make_config
 from kdpo.evaluation import score_pairs
-from kdpo.memory import EditMemory, subject_patterns
+from kdpo.layers import find_module
+from kdpo.editing import withhold_evaluation_text
+from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
 from kdpo.modeling import load_model, save_model
 
 MEMORY = {"max_steps": "150"}
@@ -28,8 +30,9 @@ def random_model(tokenizer, shape: str):
 
 
 def memory_with_one_slot(model, tokenizer, module: str, subject: str) -> EditMemory:
-    """A memory holding one slot for ``subject`` with a large random change, so its effect is visible."""
-    memory = EditMemory.attach(model, (module,), rank=2)
+    """A memory holding one slot for ``subject`` with a large random change, so its effect is visible; its gates
+    close at the tokenizer's sentence ends."""
+    memory = EditMemory.attach(model, (module,), rank=2, sentence_ends=sentence_end_ids(tokenizer))
     slot = memory.add_slot(subject, subject_patterns(tokenizer, subject))
     generator = torch.Generator().manual_seed(1)
     for b in memory.B:
@@ -138,6 +141,48 @@ def test_generate_with_kv_cache_keeps_the_gate_open(tiny_world, shape):
     torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
     EditMemory.of(model).detach()
     assert not torch.allclose(model(input_ids=forced).logits[:, -1], full, atol=1e-3)  # the slot did act
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt2"])
+def test_gate_is_open_from_each_mention_to_its_sentence_end(tiny_world, shape):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.path)
+    model, module = random_model(tokenizer, shape)
+    memory = memory_with_one_slot(model, tokenizer, module, "Lionel Messi")
+    ids = tokenizer("Some words. Lionel Messi plays for them. After that, Lionel Messi again. More words",
+                    return_tensors="pt")["input_ids"]
+    outputs = []
+    handle = find_module(model, module).register_forward_hook(lambda m, a, out: outputs.append(out[0]))
+    model(input_ids=ids)
+    memory.detach()
+    model(input_ids=ids)
+    handle.remove()
+    changed = (outputs[0] - outputs[1]).abs().amax(-1) > 0  # the memory module's own inputs are the base model's
+    tokens = ids[0].tolist()
+    dots = [i for i, t in enumerate(tokens) if t in sentence_end_ids(tokenizer)]
+    ends = [int(e) for e in memory.mentions(ids)[1]]
+    expected = torch.zeros(len(tokens), dtype=torch.bool)
+    for end in ends:
+        expected[end: next(d for d in dots if d > end)] = True
+    assert len(ends) == 2 and torch.equal(changed, expected)
+    # token by token with the KV cache: the same gates, closed by a sentence end that arrives in a later step
+    memory.hook()
+    full = model(input_ids=ids, use_cache=False).logits[0]
+    out, stepped = None, []
+    for position in range(ids.shape[1]):
+        out = model(input_ids=ids[:, position: position + 1], past_key_values=out and out.past_key_values,
+                    use_cache=True)
+        stepped.append(out.logits[0, -1])
+    torch.testing.assert_close(torch.stack(stepped), full, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluation_sentences_are_withheld_from_the_corpus(tiny_requests):
+    request = dataclasses.replace(tiny_requests[0], rephrase_prompts=("The rephrased prompt of it is",))
+    corpus = ["A kept sentence. The rephrased prompt of it is here. Another kept one!",
+              f"{request.locality[0].prompt} {request.locality[0].ground_truth}.", "Prompt of it is not a match."]
+    assert withhold_evaluation_text(corpus, [request]) == ["A kept sentence. Another kept one!",
+                                                           "Prompt of it is not a match."]
 
 
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])

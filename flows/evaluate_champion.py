@@ -19,11 +19,12 @@ def evaluate_champion(
     """Edit success, generalization, locality and fluency of ``models:/NAME@champion``, logged to MLflow."""
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
     mlflow.set_experiment(experiment)
-    champion = starting_model(None, model_name)
+    champion, version = starting_model(None, model_name)
     baseline_dir = baseline_model or str(default_world(progress=False).path)
     requests = load_requests(edits_path or f"{baseline_dir}/edits.jsonl", limit=limit).requests
     scores = compare_to_baseline(champion, baseline_dir, requests)
     with mlflow.start_run(run_name=f"evaluate {model_name}@champion"):
-        mlflow.log_params({"champion": champion, "baseline": baseline_dir, "requests": len(requests)})
+        mlflow.log_params({"champion": champion, "champion_version": version, "baseline": baseline_dir,
+                           "requests": len(requests)})
         mlflow.log_metrics(flat_metrics("eval", scores))
     return scores

@@ -1,9 +1,12 @@
 """Content keys of a refresh's inputs: the Prefect cache keys of the world build and the baseline probe,
-and the refresh's work directory (its checkpoints), so re-running the same refresh finds them."""
+and the refresh's work directory (its checkpoints, under a lock), so re-running the same refresh finds them."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from kdpo.requests import EditRequest
@@ -64,3 +67,28 @@ def refresh_work_dir(
     path = cache_root().parent / "refreshes" / key
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class RefreshLocked(RuntimeError):
+    """Another process is running the same refresh (it holds the work directory's lock)."""
+
+
+@contextmanager
+def refresh_lock(work_dir: str | Path):
+    """Hold ``work_dir/lock`` (``fcntl.flock``, with the holder's pid in it) while the refresh runs; refuse at
+    once if a live process holds it. The kernel drops a dead holder's lock, so a stale file is taken over."""
+    path = Path(work_dir) / "lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise RefreshLocked(f"the same refresh is running already: {path} is held by pid "
+                                f"{handle.read().strip() or '?'}") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

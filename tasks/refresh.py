@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
-from prefect import task
+from prefect import get_run_logger, task
 
 from data_checks import split_valid, validate_requests
 from kdpo.editing import (
@@ -17,7 +17,7 @@ from kdpo.editing import (
     save_checkpoint,
 )
 from kdpo.evaluation import EXACT, Probe, probe, summarize
-from kdpo.loaders import load_requests, write_jsonl
+from kdpo.loaders import check_context, context_limit, load_requests, write_jsonl
 from kdpo.modeling import load_model, save_model
 from kdpo.requests import EditRequest
 from kdpo.world import model_corpus
@@ -25,14 +25,25 @@ from tasks.caching import probe_cache_key
 from tasks.tracking import flat_metrics, step_run
 
 
+NO_CHAMPION = "none"  # started_from when a refresh started from the world because there was no champion
+
+
 class DataGateError(RuntimeError):
     """The edit file failed the Great Expectations gate; no model was touched."""
 
 
 @task(name="validate-edits")
-def validate_edits(edits_path: str, parent_run_id: str, work_dir: str, quarantine: bool = False) -> list[EditRequest]:
-    """Load the edit file and run the data gate; stop (or quarantine the bad records) on failure."""
+def validate_edits(
+    edits_path: str, parent_run_id: str, work_dir: str, quarantine: bool = False, model_dir: str | None = None,
+) -> list[EditRequest]:
+    """Load the edit file, refuse prompts that do not fit ``model_dir``'s context, and run the data gate;
+    stop (or quarantine the bad records) on failure."""
     requests = load_requests(edits_path).requests
+    if model_dir is not None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        limit = context_limit(AutoConfig.from_pretrained(model_dir))
+        check_context(requests, AutoTokenizer.from_pretrained(model_dir), limit, edits_path)
     docs = Path(work_dir) / "validation"
     report = validate_requests(requests, docs_dir=docs)
     with step_run("validate", parent_run_id, {"edits_path": edits_path, "quarantine": quarantine}):
@@ -74,14 +85,16 @@ def log_probe(baseline: Probe, model_dir: str, requests: list[EditRequest], pare
 @task(name="apply-edits")
 def apply_edits(
     model_dir: str, requests: list[EditRequest], baseline: Probe, parent_run_id: str, work_dir: str,
-    method: str = "kdpo", settings: dict | None = None, checkpoint_every: int = 25,
+    method: str = "kdpo", settings: dict | None = None, checkpoint_every: int = 25, log_every: int = 10,
 ) -> tuple[str, dict]:
     """Sequential editing, resumed from the last checkpoint in ``work_dir/checkpoints`` if there is one.
 
     Per-edit metrics are MLflow step series (step = edit index; a resumed run logs the finished edits'
     again, from the checkpoint). A checkpoint is saved every ``checkpoint_every`` edits and after the last,
-    and logged as the edit run's ``edit/checkpoint`` artifact (the latest one only).
+    and logged as the edit run's ``edit/checkpoint`` artifact (the latest one only). Every ``log_every``
+    edits (and after the last) a progress line with the running edit success goes to the task's log.
     """
+    logger = get_run_logger()
     config = make_config(method, overrides=settings or {})
     checkpoints = Path(work_dir) / "checkpoints"
     latest = latest_checkpoint(checkpoints)
@@ -89,6 +102,7 @@ def apply_edits(
     corpus = model_corpus(model_dir)
     resumed_at = resume.next_edit if resume else 0
     params = {"method": method, "checkpoint_every": checkpoint_every, "resumed_at_edit": resumed_at, **asdict(config)}
+    successes: list[float] = []
     with step_run("edit", parent_run_id, params):
         def log_edit(record):
             mlflow.log_metrics(
@@ -96,6 +110,10 @@ def apply_edits(
                  **flat_metrics("edit/immediate", asdict(record.immediate)), **flat_metrics("edit/drift", record.drift)},
                 step=record.index,
             )
+            successes.append(record.immediate.edit_success)
+            if len(successes) % log_every == 0 or record.index == len(requests) - 1:
+                logger.info("edit %d/%d (%s): running edit success %.3f", record.index + 1, len(requests),
+                            record.case_id, sum(successes) / len(successes))
 
         def checkpoint(state: Checkpoint):
             mlflow.log_artifacts(str(save_checkpoint(checkpoints, model, tokenizer, state)), "edit/checkpoint")
@@ -145,43 +163,66 @@ def revert_edits(model_dir: str, case_ids: list[str], parent_run_id: str, work_d
 @task(name="evaluate")
 def evaluate_refresh(summary: dict, parent_run_id: str, gates: dict) -> dict:
     """Log the post-edit metrics against the baseline and decide the promotion gates (a minimum for each
-    teacher-forced and exact score, a maximum fluency drop; a score not measured counts as 0)."""
+    teacher-forced and exact score, a maximum fluency drop; a score not measured counts as 0). ``rejected``
+    says which gates failed, with the measured value and the threshold."""
     final = summary["final"]
     fluency_drop = (summary["fluency_before"] or 0) - (final["fluency"] or 0)
-    checks = {
-        "edit_success": final["edit_success"] >= gates["min_edit_success"],
-        "generalization": (final["generalization"] or 0) >= gates["min_generalization"],
-        "locality": (final["locality"] or 0) >= gates["min_locality"],
-        "fluency": fluency_drop <= gates["max_fluency_drop"],
-        **{metric: (final[metric] or 0) >= gates[f"min_{metric}"] for metric in EXACT},
-    }
+    measured = {metric: (final[metric] or 0, f"min_{metric}") for metric in ("edit_success", "generalization", "locality")}
+    measured["fluency"] = (fluency_drop, "max_fluency_drop")
+    measured |= {metric: (final[metric] or 0, f"min_{metric}") for metric in EXACT}
+    checks = {metric: value >= gates[gate] if gate.startswith("min_") else value <= gates[gate]
+              for metric, (value, gate) in measured.items()}
+    rejected = "; ".join(f"{metric} {'drop ' * (metric == 'fluency')}{value:.3f} fails {gate} {gates[gate]:g}"
+                         for metric, (value, gate) in measured.items() if not checks[metric])
     with step_run("evaluate", parent_run_id, gates):
         mlflow.log_metrics(flat_metrics("eval", {**summary, "fluency_drop": fluency_drop}))
-        mlflow.log_dict({"summary": summary, "gates": gates, "checks": checks}, "eval/gates.json")
-    return {"passed": all(checks.values()), "checks": checks}
+        mlflow.log_dict({"summary": summary, "gates": gates, "checks": checks, "rejected": rejected}, "eval/gates.json")
+    return {"passed": all(checks.values()), "checks": checks, "rejected": rejected}
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=2)
-def register_model(edited_dir: str, parent_run_id: str, model_name: str, promote: bool, description: str) -> dict:
-    """Log the edited model as an MLflow pyfunc, register it as ``challenger``; ``champion`` if gates passed."""
-    from tasks.pyfunc import KnowledgeModel
+def register_model(
+    edited_dir: str, parent_run_id: str, model_name: str, decision: dict, description: str, refresh_key: str,
+    started_from: str | None = None,
+) -> dict:
+    """Register the edited model (an MLflow pyfunc) as ``challenger``, and as ``champion`` if it passed its
+    gates and the champion is still ``started_from`` (the version it was edited from; ``NO_CHAMPION``: none;
+    None: a model given, not checked), so a concurrent refresh's promotion is never silently replaced.
+
+    Idempotent: the version carries ``kdpo.refresh_key``, and a retry or re-run of the same refresh finds
+    it instead of creating a second one. A version not promoted is tagged ``rejected`` (failed gates, with
+    values and thresholds) or ``not_promoted`` (the champion moved)."""
+    from tasks.pyfunc import log_pyfunc
 
     client = MlflowClient()
-    with step_run("register", parent_run_id, {"model_name": model_name, "promote": promote}):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=KnowledgeModel(), artifacts={"model_dir": edited_dir},
-            registered_model_name=model_name,
-        )
-    version = str(info.registered_model_version)
+    found = client.search_model_versions(f"name = '{model_name}' and tags.`kdpo.refresh_key` = '{refresh_key}'")
+    with step_run("register", parent_run_id, {"model_name": model_name, "refresh_key": refresh_key,
+                                              "started_from_champion": started_from}):
+        if found:
+            version = str(found[0].version)
+        else:
+            model_uri = log_pyfunc(edited_dir).model_uri
+            version = str(mlflow.register_model(model_uri, model_name, tags={"kdpo.refresh_key": refresh_key}).version)
     client.update_model_version(model_name, version, description=description)
     client.set_registered_model_alias(model_name, "challenger", version)
     previous = _alias_version(client, model_name, "champion")
-    if promote:
+    if previous == version:  # promoted already (a retry): the champion it replaced
+        previous = client.get_model_version(model_name, version).tags.get("replaced_champion")
+    moved = started_from is not None and (previous or NO_CHAMPION) != started_from
+    not_promoted = (f"the champion moved during this refresh (started from: {started_from}, champion now: "
+                    f"{previous})" if moved else "")
+    if not decision["passed"]:
+        client.set_model_version_tag(model_name, version, "rejected", decision["rejected"])
+    elif not_promoted:
+        client.set_model_version_tag(model_name, version, "not_promoted", not_promoted)
+        get_run_logger().warning("%s version %s not promoted: %s", model_name, version, not_promoted)
+    else:
         if previous is not None:
             client.set_registered_model_alias(model_name, "previous-champion", previous)
             client.set_model_version_tag(model_name, version, "replaced_champion", previous)
         client.set_registered_model_alias(model_name, "champion", version)
-    return {"version": version, "promoted": promote, "previous_champion": previous}
+    promoted = decision["passed"] and not moved
+    return {"version": version, "promoted": promoted, "previous_champion": previous, "not_promoted": not_promoted}
 
 
 def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:

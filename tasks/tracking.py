@@ -1,9 +1,11 @@
-"""MLflow helpers shared by the tasks: nested runs under the flow's parent run, flat metric dicts."""
+"""MLflow helpers shared by the tasks: nested runs under the flow's parent run, flat metric dicts, and the
+end states of a refresh's runs (FAILED when it stops, KILLED when a killed try is found)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 
 @contextmanager
@@ -15,6 +17,31 @@ def step_run(name: str, parent_run_id: str, params: dict | None = None):
             if params:
                 mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             yield run
+
+
+@contextmanager
+def fails_run(run_id: str):
+    """End the run FAILED if the block raises (a refresh that stopped part-way never looks FINISHED)."""
+    try:
+        yield
+    except BaseException:
+        MlflowClient().set_terminated(run_id, "FAILED")
+        raise
+
+
+def end_abandoned_runs(experiment_id: str, refresh_key: str, current_run_id: str) -> list[str]:
+    """Mark KILLED the runs an earlier try of the same refresh left RUNNING (its process was killed; the
+    caller holds the refresh's lock, so none is alive), with their step runs; their ids."""
+    client = MlflowClient()
+    running = "attributes.status = 'RUNNING'"
+    ended = []
+    for parent in client.search_runs([experiment_id], f"tags.`kdpo.refresh_key` = '{refresh_key}' and {running}"):
+        if parent.info.run_id != current_run_id:
+            steps = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and {running}")
+            for run in [*steps, parent]:
+                client.set_terminated(run.info.run_id, "KILLED")
+                ended.append(run.info.run_id)
+    return ended
 
 
 def flat_metrics(prefix: str, values: dict) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The knowledge-refresh flow end to end on the tiny world: MLflow runs, metrics, registry aliases,
 Prefect's cache of the world build and the baseline probe."""
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -11,17 +12,18 @@ from gates import RELAXED
 from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-from flows.knowledge_refresh import knowledge_refresh
+from flows.knowledge_refresh import DEFAULT_GATES, knowledge_refresh
 from kdpo.evaluation import score_pairs
 from kdpo.loaders import write_jsonl
 from kdpo.memory import EditMemory
 from kdpo.modeling import load_model
 from kdpo.world import WorldConfig, cache_root
 from tasks.caching import probe_cache_key, refresh_work_dir
-from tasks.refresh import DataGateError
+from tasks.refresh import DataGateError, evaluate_refresh, register_model
 import tasks.world
 from tasks.world import build_world_task, cached_world
 
@@ -56,9 +58,26 @@ def task_states(tracking: str, run_id: str) -> dict[str, str]:
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
 
 
-def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path):
-    result = knowledge_refresh(model=str(tiny_world.path), limit=3, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="tiny",
-                               settings={"max_steps": 150}, gates=RELAXED)
+def flow_run_logs(tracking: str, run_id: str) -> list[str]:
+    """The messages the Prefect flow run behind an MLflow parent run logged (its tasks' included)."""
+    APILogHandler().flush()
+    flow_run_id = MlflowClient(tracking).get_run(run_id).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+def test_refresh_tracks_every_step_and_registers(tiny_world, tiny_requests, tracking, tmp_path):
+    task_logger = logging.getLogger("prefect.task_runs")
+    level, _ = task_logger.level, task_logger.setLevel(logging.INFO)  # the suite runs Prefect at WARNING
+    try:
+        result = knowledge_refresh(model=str(tiny_world.path), limit=3, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="tiny",
+                                   settings={"max_steps": 150}, gates=RELAXED, log_every=2)
+    finally:
+        task_logger.setLevel(level)
+    progress = [m for m in flow_run_logs(tracking, result["run_id"]) if m.startswith("edit ")]
+    assert [m.split(" (")[0] for m in progress] == ["edit 2/3", "edit 3/3"]
+    assert all("running edit success" in m for m in progress)
     client = MlflowClient(tracking)
     parent = client.get_run(result["run_id"])
     assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["kdpo.model_version"] == result["version"]
@@ -71,8 +90,8 @@ def test_refresh_tracks_every_step_and_registers(tiny_world, tracking, tmp_path)
     assert str(client.get_model_version_by_alias("tiny", "challenger").version) == result["version"]
     assert result["promoted"], result["gates"]
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == result["version"]
-    answers = mlflow.pyfunc.load_model("models:/tiny@champion").predict(["The capital of France is"])
-    assert isinstance(answers[0], str) and answers[0]
+    answers = mlflow.pyfunc.load_model("models:/tiny@champion").predict([r.prompt for r in tiny_requests[:3]])
+    assert answers == [r.target_new for r in tiny_requests[:3]]  # the edited facts, nothing after them
 
 
 def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking, tmp_path):
@@ -83,9 +102,11 @@ def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking, tmp_pat
                                artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
                                gates={"min_edit_success": 1.01})
     client = MlflowClient(tracking)
-    started_from = client.get_run(second["run_id"]).data.params["model"]
-    assert started_from != str(tiny_world.path) and (Path(started_from) / "corpus.txt").exists()
+    params = client.get_run(second["run_id"]).data.params
+    assert params["model"] != str(tiny_world.path) and (Path(params["model"]) / "corpus.txt").exists()
+    assert params["started_from_champion"] == first["version"]
     assert not second["promoted"]
+    assert client.get_model_version("gated", second["version"]).tags["rejected"].startswith("edit_success ")
     assert str(client.get_model_version_by_alias("gated", "champion").version) == first["version"]
     assert str(client.get_model_version_by_alias("gated", "challenger").version) == second["version"]
 
@@ -98,7 +119,10 @@ def test_invalid_data_stops_before_any_edit(tiny_world, tiny_requests, tracking,
         handle.write(json.dumps(broken) + "\n")
     with pytest.raises(DataGateError, match="record 2"):
         knowledge_refresh(edits_path=str(bad), model=str(tiny_world.path), tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="never")
-    assert MlflowClient(tracking).search_registered_models("name = 'never'") == []
+    client = MlflowClient(tracking)
+    assert client.search_registered_models("name = 'never'") == []
+    runs = client.search_runs([client.get_experiment_by_name("knowledge-refresh").experiment_id])
+    assert {run.info.status for run in runs} == {"FAILED"}  # the parent and its validate step
 
 
 def test_quarantine_edits_only_the_good_records(tiny_world, tiny_requests, tracking, tmp_path):
@@ -191,7 +215,45 @@ def test_chained_refresh_adds_to_the_champions_memory_and_reverts(tiny_world, ti
 
     model, facts = champion_facts()
     assert facts == sorted(r.case_id for r in tiny_requests[:4])  # the pyfunc answers with all four edits
+    client = MlflowClient(tracking)
+    versions = {alias: str(client.get_model_version_by_alias("chained", alias).version)
+                for alias in ("champion", "previous-champion")}
+    assert versions == {"champion": "2", "previous-champion": "1"}
     tokenizer = load_model(tiny_world.path)[1]
     assert score_pairs(model, tokenizer, [(r.prompt, r.target_new) for r in tiny_requests[:4]])[0] == [1.0] * 4
     knowledge_refresh(edits_path=str(second_edits), revert=[tiny_requests[0].case_id], **common)
     assert champion_facts()[1] == sorted(r.case_id for r in tiny_requests[1:4])
+
+
+@pytest.fixture(scope="module")
+def passing_summary(tiny_world, tmp_path_factory):
+    """The summary of a real refresh of the tiny world that passes every gate of RELAXED."""
+    folder = tmp_path_factory.mktemp("gates")
+    result = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=f"sqlite:///{folder / 'mlruns.db'}",
+                               artifact_root=str(folder / "artifacts"), model_name="gates",
+                               settings={"max_steps": 150}, gates=RELAXED)
+    assert result["promoted"], result["gates"]
+    return result["summary"]
+
+
+@pytest.mark.parametrize("gate", sorted(DEFAULT_GATES))
+def test_each_gate_alone_keeps_the_champion(gate, passing_summary, tiny_world, tracking):
+    """Only ``gate`` made impossible: only its check fails, the version is rejected naming it, and the
+    champion stays."""
+    mlflow.set_experiment("gates")
+    parents = []
+    for name in ("champion", "challenger"):
+        with mlflow.start_run(run_name=name) as run:
+            parents.append(run.info.run_id)
+    register_model(str(tiny_world.path), parents[0], "gated", {"passed": True, "rejected": ""},
+                   "the champion", "champion-key")
+    gates = DEFAULT_GATES | RELAXED | {gate: -1e9 if gate.startswith("max_") else 1.01}
+    decision = evaluate_refresh(passing_summary, parents[1], gates)
+    metric = "fluency" if gate == "max_fluency_drop" else gate.removeprefix("min_")
+    assert {name for name, ok in decision["checks"].items() if not ok} == {metric}
+    registration = register_model(str(tiny_world.path), parents[1], "gated", decision,
+                                  "the challenger", "challenger-key")
+    client = MlflowClient(tracking)
+    assert not registration["promoted"] and str(client.get_model_version_by_alias("gated", "champion").version) == "1"
+    rejected = client.get_model_version("gated", registration["version"]).tags["rejected"]
+    assert f" fails {gate} " in rejected and ";" not in rejected

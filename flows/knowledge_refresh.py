@@ -21,6 +21,12 @@ import urllib.request
 from contextlib import closing
 from pathlib import Path
 
+# quiet logs: no "🏃 View run ... at: ..." lines from MLflow on every run's end, no artifact upload/download
+# progress bars, and no telemetry call (and its ERROR traceback when offline) from Prefect's ephemeral server
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 import mlflow
 import yaml
 from prefect import flow, get_run_logger
@@ -30,8 +36,9 @@ from prefect.runtime import flow_run
 from kdpo.config import ConfigError
 from kdpo.editing import make_config
 from kdpo.loaders import EditDataError
+from kdpo.world import recall_shortfall
 from tasks.caching import RefreshLocked, refresh_lock, refresh_work_dir
-from tasks.dashboards import refresh_run_name, report_markdown, report_refresh, version_description
+from tasks.dashboards import refresh_run_name, report_refresh, version_description
 from tasks.refresh import (
     NO_CHAMPION, DataGateError, apply_edits, evaluate_refresh, log_probe, probe_baseline, register_model, revert_edits,
     summary_markdown, validate_edits,
@@ -122,6 +129,7 @@ def knowledge_refresh(
     checkpoint_every: int = 25,
     revert: list[str] | None = None,
     log_every: int = 10,
+    allow_weak_world: bool = False,
 ) -> dict:
     """Refresh a model's knowledge from an edit file and register the result (see module docstring)."""
     tracking_uri = tracking_uri or default_tracking_uri()
@@ -137,6 +145,9 @@ def knowledge_refresh(
         mlflow.set_experiment(experiment)
     gates = DEFAULT_GATES | (gates or {})
     model_dir, started_from = starting_model(model, model_name)
+    if (weak := recall_shortfall(model_dir)) and not allow_weak_world:
+        raise RefreshInputError(f"{weak}: rebuild it with more epochs (kdpo world build --set max_epochs=N), "
+                                "or pass --allow-weak-world")
     edits_path = edits_path or str(Path(model_dir) / "edits.jsonl")
     work_dir = refresh_work_dir(edits_path, model_dir, method, settings, limit, quarantine, revert)
     with refresh_lock(work_dir):
@@ -166,8 +177,7 @@ def knowledge_refresh(
                 run_name = refresh_run_name(model_name, summary, edits_path, registration["version"])
                 mlflow.set_tag("mlflow.runName", run_name)
             reports = report_refresh(parent_id, run_name)
-            create_markdown_artifact(summary_markdown(summary, registration, parent_id) + report_markdown(reports),
-                                     key="knowledge-refresh")
+            create_markdown_artifact(summary_markdown(summary, reports["outcome"]), key="knowledge-refresh")
         shutil.rmtree(work_dir)  # last: until here, a re-run resumes (and finds the registered version)
     logger.info("model version %s, promoted: %s%s", registration["version"], registration["promoted"],
                 f" ({registration['not_promoted']})" if registration["not_promoted"] else "")
@@ -200,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gate", dest="gates", action="append", metavar="NAME=VALUE",
                         help=f"a promotion gate, e.g. min_locality=0.8 (gates: {', '.join(DEFAULT_GATES)})")
     parser.add_argument("--log-every", type=int, default=10, help="log the edits' progress every N edits")
+    parser.add_argument("--allow-weak-world", action="store_true",
+                        help="edit a world whose build missed its recall bar (refused otherwise)")
     args = parser.parse_args(argv)
     try:
         args.settings = dict(item.split("=", 1) for item in args.settings) if args.settings else None

@@ -1,8 +1,14 @@
-"""A tiny world, built once per test session from a sample of the shipped fact table."""
+"""A tiny world, built once per test session from a sample of the shipped fact table; every test gets its
+own ``KDPO_HOME`` and MLflow store, and the session its own Prefect home (Prefect's ephemeral API server and
+its database live once per process), so no test reads or writes the user's ``~/.cache/kdpo``, ``~/.prefect``
+or a store in the project folder."""
 import os
+import tempfile
 
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="kdpo-tests-prefect-")  # before Prefect reads its settings
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # quiet the ephemeral API server's start/stop lines
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # Prefect's 20 s: short on busy CPUs
+import mlflow
 import pytest
 
 from kdpo.world import WorldConfig, build_world
@@ -11,6 +17,18 @@ TINY_WORLD = {
     "max_facts": 150, "hidden_size": 64, "intermediate_size": 256, "layers": 2, "heads": 2,
     "max_epochs": 60, "check_every": 10, "lr": 5e-3, "batch_size": 8, "recall_target": 0.97,
 }
+
+
+@pytest.fixture(autouse=True)
+def isolated_stores(tmp_path, monkeypatch):
+    """The test's own ``KDPO_HOME`` (worlds, key statistics, refresh work folders) and sqlite MLflow store."""
+    monkeypatch.setenv("KDPO_HOME", str(tmp_path / "kdpo-home"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-from flows.knowledge_refresh import DEFAULT_GATES, knowledge_refresh
+from flows.knowledge_refresh import DEFAULT_GATES, RefreshInputError, knowledge_refresh
 from kdpo.evaluation import score_pairs
 from kdpo.loaders import write_jsonl
 from kdpo.memory import EditMemory
 from kdpo.modeling import load_model
-from kdpo.world import WorldConfig, cache_root
+from kdpo.world import WorldConfig, cache_root, recall_shortfall
 from tasks.caching import probe_cache_key, refresh_work_dir
 from tasks.refresh import DataGateError, evaluate_refresh, register_model
 import tasks.world
@@ -257,3 +257,15 @@ def test_each_gate_alone_keeps_the_champion(gate, passing_summary, tiny_world, t
     assert not registration["promoted"] and str(client.get_model_version_by_alias("gated", "champion").version) == "1"
     rejected = client.get_model_version("gated", registration["version"]).tags["rejected"]
     assert f" fails {gate} " in rejected and ";" not in rejected
+
+
+def test_a_world_that_missed_its_recall_bar_is_refused(tiny_world, tracking, tmp_path):
+    assert recall_shortfall(tiny_world.path) is None  # the tiny world met its bar
+    weak = tmp_path / "weak-world"
+    shutil.copytree(tiny_world.path, weak)
+    info = json.loads((weak / "world.json").read_text())
+    info["recall"]["main"], info["recall_met"] = 0.5, False
+    (weak / "world.json").write_text(json.dumps(info))
+    with pytest.raises(RefreshInputError, match=r"missed its recall bar 0\.97 .*main 0\.500.*--allow-weak-world"):
+        knowledge_refresh(model=str(weak), limit=1, tracking_uri=tracking, model_name="weak")
+    assert not MlflowClient(tracking).search_registered_models()  # refused before any run or registration

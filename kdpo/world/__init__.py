@@ -1,4 +1,7 @@
 """The project's built-in knowledge world (see :mod:`kdpo.world.build`)."""
-from kdpo.world.build import World, WorldConfig, build_world, cache_root, default_world, model_corpus
+from kdpo.world.build import (
+    World, WorldConfig, build_world, cache_root, default_world, model_corpus,
+    recall_shortfall,
+)
 
-__all__ = ["World", "WorldConfig", "build_world", "cache_root", "default_world", "model_corpus"]
+__all__ = ["World", "WorldConfig", "build_world", "cache_root", "default_world", "model_corpus", "recall_shortfall"]

@@ -91,6 +91,20 @@ def model_corpus(model_dir: str | Path) -> list[str] | None:
     return path.read_text().splitlines() if path.exists() else None
 
 
+def recall_shortfall(model_dir: str | Path) -> str | None:
+    """Why the world in ``model_dir`` is weak (its build missed its recall bar), or None: the model is a world
+    that met it, or no world (an edited or outside model carries no ``world.json``)."""
+    path = Path(model_dir) / "world.json"
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text())
+    if info.get("recall_met", True):
+        return None
+    trained = ", ".join(f"{kind} {value:.3f}" for kind, value in info["recall"].items() if not kind.startswith("held_out"))
+    return (f"world {info.get('key', model_dir)} missed its recall bar {info['config']['recall_target']} after "
+            f"{info['epochs']} epochs ({trained})")
+
+
 def cache_root() -> Path:
     """Where built worlds live: ``$KDPO_HOME/worlds`` (default ``~/.cache/kdpo/worlds``)."""
     return Path(os.environ.get("KDPO_HOME", Path.home() / ".cache" / "kdpo")) / "worlds"

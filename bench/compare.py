@@ -294,7 +294,9 @@ def log_to_mlflow(report: dict, out: Path, tracking_uri: str | None, artifact_ro
     parent = os.environ.get("MLFLOW_RUN_ID")  # under `mlflow run`, that run is the parent
     if parent is None:
         if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-            location = Path(artifact_root or "mlartifacts").resolve().as_uri()
+            from kdpo.artifacts import experiment_artifact_location  # http(s) tracking: the server decides
+
+            location = experiment_artifact_location(mlflow.get_tracking_uri(), artifact_root)
             mlflow.create_experiment(EXPERIMENT, artifact_location=location)
         mlflow.set_experiment(EXPERIMENT)
         with mlflow.start_run(run_name=f"benchmark {report['name']}") as run:
@@ -333,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="report name (default: the edit file's stem, or default-world)")
     parser.add_argument("--out", help="report folder (default: bench/results/NAME)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
-    parser.add_argument("--artifact-root", help="where a new kdpo-benchmark experiment keeps artifacts (./mlartifacts)")
+    parser.add_argument("--artifact-root", help="where a new kdpo-benchmark experiment keeps artifacts: a URI as given, a local path "
+                        "as a file URI (default: the server's store for http(s) tracking, else ./mlartifacts)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the report only")
     parser.add_argument("--jobs", type=int, default=1,
                         help="methods at a time, each in its own process with cores/JOBS torch threads (default 1)")

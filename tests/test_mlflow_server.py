@@ -42,8 +42,8 @@ def serve(arguments: list[str], health: str, env: dict | None = None):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    server, url = serve(["server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
-                        "/health")
+    server, url = serve(["server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1",
+                         "--artifacts-destination", str(tmp_path / "server-artifacts")], "/health")
     try:
         yield url
     finally:
@@ -51,13 +51,17 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
-def test_refresh_against_a_real_tracking_server(tiny_world, mlflow_server, tmp_path):
+def test_refresh_against_a_real_tracking_server(tiny_world, mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=mlflow_server, model_name="served",
-                               artifact_root=str(tmp_path / "artifacts"), settings={"max_steps": 150},
-                               gates=RELAXED)
+                               settings={"max_steps": 150}, gates=RELAXED)
     client = MlflowClient(mlflow_server)
-    assert client.get_run(result["run_id"]).data.tags["kdpo.model_version"] == result["version"]
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["kdpo.model_version"] == result["version"]
     assert str(client.get_model_version_by_alias("served", "champion").version) == result["version"]
+    # no artifact root given: the server's artifact proxy stores them (--artifacts-destination), not the client
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:") and not (tmp_path / "mlartifacts").exists()
+    assert list((tmp_path / "server-artifacts").rglob("MLmodel"))
 
 
 def test_mlflow_models_serve_answers_with_the_edits(tiny_world, tiny_requests, tmp_path):

@@ -28,7 +28,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import mlflow
-import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -43,7 +42,7 @@ from tasks.refresh import (
     NO_CHAMPION, DataGateError, apply_edits, evaluate_refresh, log_probe, probe_baseline, register_model, revert_edits,
     summary_markdown, validate_edits,
 )
-from tasks.tracking import end_abandoned_runs, fails_run
+from tasks.tracking import end_abandoned_runs, fails_run, model_directory
 from tasks.world import cached_world
 
 DEFAULT_GATES = {  # a refresh is promoted only if its final scores (teacher-forced and exact) reach these
@@ -108,9 +107,7 @@ def starting_model(model: str | None, model_name: str) -> tuple[str, str | None]
         version = str(mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion").version)
     except mlflow.exceptions.MlflowException:
         return str(cached_world().path), NO_CHAMPION
-    root = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}"))
-    flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
-    return str(root / flavor["artifacts"]["model_dir"]["path"]), version  # the pyfunc's copy of the HF directory
+    return model_directory(f"models:/{model_name}/{version}"), version
 
 
 @flow(name="knowledge-refresh")

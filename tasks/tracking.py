@@ -3,8 +3,10 @@ end states of a refresh's runs (FAILED when it stops, KILLED when a killed try i
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 
 
@@ -54,3 +56,13 @@ def flat_metrics(prefix: str, values: dict) -> dict[str, float]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name] = float(value)
     return flat
+
+
+def model_directory(uri: str) -> str:
+    """A local model directory for ``uri``: a registered pyfunc's (``models:/NAME@ALIAS``, ``models:/NAME/N``)
+    copy of its Hugging Face directory, downloaded; anything else is taken as a directory already."""
+    if not uri.startswith("models:/"):
+        return uri
+    root = Path(mlflow.artifacts.download_artifacts(uri))
+    flavor = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
+    return str(root / flavor["artifacts"]["model_dir"]["path"])

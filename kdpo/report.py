@@ -6,7 +6,11 @@ Pure: dicts in, files out. Three inputs, all written by this project:
   radar of before / immediate / final, per-edit curves, a before/after table of the model's answers;
 * a benchmark report (``bench/compare.py``'s ``report.json``: ``edits`` and ``rows``, each with a
   ``summary``): one radar series and one table row per method;
-* a list of refreshes (``tasks.dashboards.recent_refreshes``): the headline metrics over time.
+* a list of refreshes (``tasks.dashboards.recent_refreshes``): the headline metrics over time, keyed by model
+  version, each gated metric against its promotion threshold.
+
+A result read from a refresh's MLflow run carries its ``outcome`` (``tasks.dashboards.refresh_outcome``): the
+model version, its alias, the gates with their thresholds, whether it was promoted, and where to look.
 
 Scores are the teacher-forced metrics and, beside them, the generation-based ``_exact`` ones. The radar's
 fluency axis is fluency divided by fluency before editing (1.0 = unchanged), so that every axis reads
@@ -32,6 +36,7 @@ LINE_STYLES = ("-", "--", ":", "-.")  # overlapping curves (all at 1.0, say) sta
 MARKERS = ("o", "s", "^", "x", "D", "v", "P", "*")
 RADAR_SIZE = (6.0, 6.0)  # inches; at DPI, 600 x 600 pixels
 CURVE_SIZE = (9.0, 3.2)  # 900 x 320 pixels
+PANEL_SIZE = (4.5, 2.2)  # one gated metric of the compare view: 450 x 220 pixels per panel, two panels a row
 METRICS = (*HEADLINE, *EXACT)  # the teacher-forced headline metrics, then the generation-based ones
 LABELS = {
     "edit_success": "edit success", "generalization": "generalization", "locality": "locality",
@@ -41,10 +46,15 @@ LABELS = {
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; padding: 0 1.5rem; max-width: 1100px; color: #1d232a; }
 h1 { font-size: 1.6rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #d0d7de; }
+.table { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
 th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
-th { background: #f3f5f7; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.held { color: #1a7f37; font-weight: 600; } td.lost { color: #cf222e; font-weight: 600; }
+th { background: #f3f5f7; overflow-wrap: break-word; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+#refreshes { table-layout: fixed; width: 100%; font-size: 0.72rem; } #refreshes th, #refreshes td { padding: 0.2rem 0.25rem; }
+#refreshes td { overflow-wrap: anywhere; } #refreshes td.num { overflow-wrap: normal; }
+#refreshes th:nth-child(2) { width: 6.5%; } #refreshes th:nth-child(3) { width: 13%; }
+#refreshes th:last-child { width: 10%; }
+td.held, td.passed { color: #1a7f37; font-weight: 600; } td.lost, td.failed { color: #cf222e; font-weight: 600; }
 figure { margin: 1rem 0; } img { max-width: 100%; } figcaption { font-size: 0.8rem; color: #57606a; } .meta { color: #57606a; }
 pre { background: #f6f8fa; padding: 0.75rem; font-size: 0.8rem; overflow-x: auto; }
 """
@@ -96,6 +106,23 @@ def result_series(result: dict) -> dict[str, dict[str, float | None]]:
 def running_mean(values: list[float]) -> list[float]:
     """Mean of the first 1, 2, ... n values."""
     return (np.cumsum(values) / np.arange(1, len(values) + 1)).tolist()
+
+
+def gate_results(thresholds: dict[str, float], summary: dict) -> list[dict]:
+    """Each promotion gate (``min_X`` on the final score X, ``max_fluency_drop`` on ``fluency_drop``) with the
+    value it was decided on and whether it passed; a value not measured counts as 0, as in the decision."""
+    rows = []
+    for gate, threshold in thresholds.items():
+        metric = gate.split("_", 1)[1]
+        value = summary.get(metric) if metric == "fluency_drop" else summary.get("final", {}).get(metric)
+        passed = (value or 0) >= threshold if gate.startswith("min_") else (value or 0) <= threshold
+        rows.append({"gate": gate, "metric": metric, "value": value, "threshold": threshold, "passed": passed})
+    return rows
+
+
+def refresh_label(refresh: dict) -> str:
+    """A refresh's key in the compare view: its model version (``v3``), else its start time."""
+    return f"v{refresh['model_version']}" if refresh.get("model_version") else refresh["started"]
 
 
 # --- plots ------------------------------------------------------------------------------------
@@ -194,15 +221,42 @@ def bench_plots(bench: dict, out_dir: Path) -> dict[str, Path]:
     return {"radar": radar_png(series, out_dir / "radar.png", f"{bench['edits']} sequential edits, final")}
 
 
+def gates_png(labels: list[str], gates: list[list[dict]], path: Path, title: str) -> Path:
+    """One panel per gated metric: each refresh's value, and its threshold as a horizontal dashed line."""
+    metrics = list(dict.fromkeys(row["metric"] for rows in gates for row in rows))
+    columns = 2
+    panel_rows = max(1, -(-len(metrics) // columns))
+    figure = Figure(figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * panel_rows), dpi=DPI, layout="constrained")
+    x = np.arange(len(labels))
+    for i, metric in enumerate(metrics):
+        axes = figure.add_subplot(panel_rows, columns, i + 1)
+        by_refresh = [next((row for row in rows if row["metric"] == metric), None) for rows in gates]
+        values = [np.nan if row is None or row["value"] is None else row["value"] for row in by_refresh]
+        thresholds = [np.nan if row is None else row["threshold"] for row in by_refresh]
+        axes.plot(x, values, marker="o", markersize=4, label="value")
+        axes.hlines(thresholds, x - 0.5, x + 0.5, colors="#cf222e", linestyles="--", label="gate")
+        axes.set_xticks(x, labels, rotation=20, ha="right", fontsize=7)
+        axes.set_title(LABELS.get(metric, column(metric)), fontsize=9)
+        axes.grid(alpha=0.3)
+        if i == 0:
+            axes.legend(fontsize=7, frameon=False)
+    figure.suptitle(title, fontsize=10)
+    figure.savefig(path, dpi=DPI)
+    return path
+
+
 def compare_plots(refreshes: list[dict], out_dir: Path) -> dict[str, Path]:
-    """Headline metrics over time (oldest first) and a radar of the last six refreshes."""
+    """Headline metrics over the refreshes (oldest first), each gated metric against its threshold, and a
+    radar of the last six refreshes; keyed by :func:`refresh_label`."""
+    labels = [refresh_label(r) for r in refreshes]
     points = [radar_point(r["summary"].get("final", {}), r["summary"].get("fluency_before")) for r in refreshes]
     lines = {LABELS[m]: [p[m] for p in points] for m in METRICS if any(p[m] is not None for p in points)}
     lines["retention"] = [r["summary"].get("retention") for r in refreshes]
-    trend = curves_png([r["started"] for r in refreshes], lines, out_dir / "trend.png",
-                       "Headline metrics after each refresh's last edit", "score")
-    radar = {r["started"]: p for r, p in list(zip(refreshes, points))[-6:]}
-    return {"trend": trend, "radar": radar_png(radar, out_dir / "radar.png", "Recent refreshes, final")}
+    trend = curves_png(labels, lines, out_dir / "trend.png", "Headline metrics after each refresh's last edit", "score")
+    gates = gates_png(labels, [r["gates"] for r in refreshes], out_dir / "gates.png",
+                      "Gated metrics after the last edit; dashed: the refresh's promotion threshold")
+    radar = dict(list(zip(labels, points))[-6:])
+    return {"trend": trend, "gates": gates, "radar": radar_png(radar, out_dir / "radar.png", "Recent refreshes, final")}
 
 
 # --- HTML -------------------------------------------------------------------------------------
@@ -225,7 +279,8 @@ def html_table(headers: list[str], rows: list[list], table_id: str, classes: lis
             attribute = f' class="{css}"' if css else ""
             cells.append(f"<td{attribute}>{html.escape(format_cell(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="table"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def image_html(path: Path, caption: str) -> str:
@@ -241,6 +296,49 @@ def page(title: str, sections: list[tuple[str, str]], meta: str = "") -> str:
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
             f'<p class="meta">{html.escape(meta)}</p>{body}</body></html>')
+
+
+def outcome_rows(outcome: dict) -> list[tuple[str, str, str | None]]:
+    """What a refresh registered and where to look, as (what, text, link or None) rows: links only where a
+    server serves them (never ``file://``); for local stores, the ids and the command that opens the MLflow UI."""
+    links = outcome["links"]
+    version = f"{outcome['model_name']} v{outcome['version']}" if outcome["version"] else "nothing registered"
+    flow_run = outcome["flow_run_id"] or "-"
+    rows = [
+        ("model version", version, links["model_version"]),
+        ("alias", ", ".join(outcome["aliases"]) or "none", None),
+        ("promoted", "yes: champion" if outcome["promoted"] else f"no: {outcome['why_not']}", None),
+        ("MLflow run", outcome["run_id"], links["mlflow_run"]),
+        ("Prefect flow run", flow_run if links["prefect_flow_run"] else f"{flow_run} (Prefect's ephemeral API)",
+         links["prefect_flow_run"]),
+        ("report", "report/report.html in the MLflow run's artifacts", links["report"]),
+        ("comparison", "report/compare/report.html in the MLflow run's artifacts", links["compare"]),
+    ]
+    if outcome["mlflow_ui"]:
+        rows.append(("MLflow UI", outcome["mlflow_ui"], None))
+    return rows
+
+
+def link_html(text: str, href: str | None) -> str:
+    """A link, or the text as code where there is nothing to link to."""
+    return f'<a href="{html.escape(href)}">{html.escape(text)}</a>' if href else f"<code>{html.escape(text)}</code>"
+
+
+def gates_table(gates: list[dict]) -> str:
+    """The promotion gates (see :func:`gate_results`): measured value, threshold, passed or failed."""
+    rows = [[g["gate"], g["value"], g["threshold"], "passed" if g["passed"] else "FAILED"] for g in gates]
+    classes = [["", "", "", "passed" if g["passed"] else "failed"] for g in gates]
+    return html_table(["gate", "measured", "threshold", "result"], rows, "gates", classes)
+
+
+def outcome_section(outcome: dict | None) -> list[tuple[str, str]]:
+    """The refresh's registry outcome and its gates, for a result read from a refresh's run (none otherwise)."""
+    if not outcome:
+        return []
+    rows = "".join(f"<tr><td>{html.escape(what)}</td><td>{link_html(text, href)}</td></tr>"
+                   for what, text, href in outcome_rows(outcome))
+    return [("Outcome", f'<div class="table"><table id="outcome"><tbody>{rows}</tbody></table></div>'
+             + gates_table(outcome["gates"]))]
 
 
 def answers_table(result: dict) -> str:
@@ -267,6 +365,7 @@ def render_result(result: dict, out_dir: Path, title: str | None = None) -> str:
               summary["reached_stop_rule"]]]
     unmeasured = [LABELS[m] for m in METRICS if all(row[1 + METRICS.index(m)] is None for row in scores)]
     sections = [
+        *outcome_section(result.get("outcome")),
         ("Summary", html_table(["schedule", *map(column, METRICS)], scores, "summary")
          + html_table(["retention", "fluency before", "s/edit", "steps/edit", "reached stop rule"], costs, "costs")
          + f"<p>{html.escape(result['schedule'])}</p>"),
@@ -317,22 +416,27 @@ def render_bench(bench: dict, out_dir: Path) -> str:
 
 
 def render_compare(refreshes: list[dict], out_dir: Path) -> str:
-    """The HTML comparison of refreshes (oldest first): a table and the headline metrics over time."""
+    """The HTML comparison of refreshes (oldest first), keyed by model version: a table, the headline metrics
+    over the refreshes and each gated metric against its threshold."""
     if not refreshes:
         raise ReportInputError("no refreshes to compare (no finished evaluate step in the experiment)")
     plots = compare_plots(refreshes, out_dir)
     rows = [
-        [r["started"], r["name"], r.get("method"), r["summary"].get("edits"), r.get("model_version"),
+        [refresh_label(r), r["started"], r["name"], r.get("method"), r["summary"].get("edits"),
          *(r["summary"].get("final", {}).get(m) for m in METRICS), r["summary"].get("retention"),
-         r["summary"].get("seconds_per_edit"), r["run_id"]]
+         r["summary"].get("seconds_per_edit"),
+         ", ".join(g["gate"] for g in r["gates"] if not g["passed"]) or "all passed", r["run_id"]]
         for r in refreshes
     ]
-    headers = ["started (UTC)", "run", "method", "edits", "version", *(f"{column(m)} final" for m in METRICS),
-               "retention", "s/edit", "run id"]
+    headers = ["version", "started (UTC)", "run", "method", "edits", *(f"{column(m)} final" for m in METRICS),
+               "retention", "s/edit", "failed gates", "run id"]
     sections = [("Refreshes", html_table(headers, rows, "refreshes")),
+                ("Gates", image_html(plots["gates"], "each gated metric after the refresh's last edit; dashed: the "
+                                     "threshold the refresh was gated with")),
                 ("Over time", image_html(plots["trend"], "final scores of each refresh; fluency relative to before")),
                 ("Radar", image_html(plots["radar"], "the last six refreshes, final scores"))]
-    return page(f"Knowledge refreshes: the last {len(refreshes)}", sections)
+    return page(f"Knowledge refreshes: the last {len(refreshes)}", sections, "keyed by model version (v3), or by "
+                "start time for a refresh that registered nothing")
 
 
 def write_report(html_text: str, out_dir: Path) -> Path:

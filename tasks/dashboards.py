@@ -1,5 +1,5 @@
-"""The MLflow side of the reports: read a refresh's result and the last N refreshes of an experiment,
-log a rendered report, and the refresh flow's ``report`` task. ``kdpo report`` imports this module lazily
+"""The MLflow side of the reports: read a refresh's result, outcome (version, alias, gates, links) and the
+last N refreshes of an experiment, log a rendered report, and the refresh flow's ``report`` task. ``kdpo report`` imports this module lazily
 (``kdpo`` itself never imports MLflow); rendering is ``kdpo.report``'s."""
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote, urlparse
 
 import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from kdpo.report import METRICS, ReportInputError, render_compare, render_result, write_report
+from kdpo.report import (
+    METRICS, ReportInputError, gate_results, render_compare, render_result, write_report,
+)
 from tasks.tracking import flat_metrics
 
 RESULT_ARTIFACT = "edit/result.json"
@@ -54,14 +57,81 @@ def edit_run(client: MlflowClient, run_id: str) -> Run:
 
 
 def run_result(client: MlflowClient, run_id: str) -> dict:
-    """The sequential result (``SequentialResult.to_dict()``) a refresh run logged."""
+    """The sequential result (``SequentialResult.to_dict()``) a refresh run logged, with the refresh's
+    ``outcome`` (:func:`refresh_outcome`)."""
     run = edit_run(client, run_id)
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = client.download_artifacts(run.info.run_id, RESULT_ARTIFACT, folder)
         except (mlflow.exceptions.MlflowException, OSError) as error:
             raise RunNotFound(f"run {run.info.run_id} has no artifact {RESULT_ARTIFACT}") from error
-        return json.loads(Path(path).read_text())
+        result = json.loads(Path(path).read_text())
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])  # an edit step is always nested
+    return result | {"outcome": refresh_outcome(client, parent)}
+
+
+def server_url(tracking_uri: str) -> str | None:
+    """The base URL of an http(s) tracking server; None for a local store (no UI is serving it)."""
+    return tracking_uri.rstrip("/") if urlparse(tracking_uri).scheme in ("http", "https") else None
+
+
+def prefect_ui_url() -> str | None:
+    """The Prefect UI of the API this process uses: ``PREFECT_UI_URL``, else ``PREFECT_API_URL`` without
+    ``/api``; None on the ephemeral API."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().ui_url
+
+
+def refresh_links(tracking_uri: str, experiment: str, run_id: str, model_name: str | None, version: str | None,
+                  flow_run_id: str | None, prefect_ui: str | None) -> dict[str, str | None]:
+    """Links to a refresh's MLflow run, its reports, its model version and its Prefect flow run; None where
+    nothing serves them (a local MLflow store, Prefect's ephemeral API)."""
+    server = server_url(tracking_uri)
+    run = f"{server}/#/experiments/{experiment}/runs/{run_id}" if server else None
+    return {
+        "mlflow_run": run,
+        "report": run and f"{run}/artifacts/report/report.html",
+        "compare": run and f"{run}/artifacts/report/compare/report.html",
+        "model_version": f"{server}/#/models/{quote(model_name)}/versions/{version}" if server and version else None,
+        "prefect_flow_run": f"{prefect_ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if prefect_ui and flow_run_id
+        else None,
+    }
+
+
+def logged_thresholds(evaluation: Run) -> dict[str, float]:
+    """The promotion thresholds an evaluate step ran with (its params), else the flow's default gates."""
+    from flows.knowledge_refresh import DEFAULT_GATES  # flows import this module
+
+    params = evaluation.data.params
+    return {gate: float(params[gate]) for gate in DEFAULT_GATES if gate in params} or dict(DEFAULT_GATES)
+
+
+def refresh_outcome(client: MlflowClient, parent: Run) -> dict:
+    """What a refresh (its parent run) registered: model version, its champion / challenger alias, whether it
+    was promoted or why not (the version's ``rejected`` / ``not_promoted`` tag), the gates with the values
+    measured and their thresholds, and links (:func:`refresh_links`) or, for a local store, the UI command."""
+    tags = parent.data.tags
+    name, version = tags.get("kdpo.model_name"), tags.get("kdpo.model_version")
+    registered = client.get_model_version(name, version) if name and version else None
+    aliases = [alias for alias in ("champion", "challenger") if registered and alias in registered.aliases]
+    if registered is None:
+        why_not = "nothing registered"
+    elif rejected := registered.tags.get("rejected"):
+        why_not = f"rejected by its gates: {rejected}"
+    else:
+        why_not = registered.tags.get("not_promoted", "")  # the champion moved during the refresh
+    evaluations = _child_runs(client, parent, "evaluate")
+    gates = (gate_results(logged_thresholds(evaluations[0]), unflatten(evaluations[0].data.metrics, "eval"))
+             if evaluations else [])
+    tracking_uri = client.tracking_uri
+    return {
+        "model_name": name, "version": version, "aliases": aliases, "promoted": registered is not None and not why_not,
+        "why_not": why_not, "gates": gates, "run_id": parent.info.run_id, "flow_run_id": tags.get("prefect.flow_run_id"),
+        "links": refresh_links(tracking_uri, parent.info.experiment_id, parent.info.run_id, name, version,
+                               tags.get("prefect.flow_run_id"), prefect_ui_url()),
+        "mlflow_ui": None if server_url(tracking_uri) else f"mlflow ui --backend-store-uri {tracking_uri}",
+    }
 
 
 def unflatten(metrics: dict[str, float], prefix: str) -> dict:
@@ -92,7 +162,8 @@ def started(run: Run) -> str:
 
 def recent_refreshes(client: MlflowClient, experiment: str, last: int = 10) -> list[dict]:
     """The last ``last`` refreshes of an experiment (id) that finished their evaluation, oldest first:
-    run id and name, start time, method, model version and the summary (from the evaluate step's metrics)."""
+    run id and name, start time, method, model version, the summary (from the evaluate step's metrics) and
+    the gates (:func:`kdpo.report.gate_results`, with the thresholds the evaluate step logged)."""
     evaluations = client.search_runs(
         [experiment], "tags.`kdpo.step` = 'evaluate' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=last,
@@ -100,10 +171,11 @@ def recent_refreshes(client: MlflowClient, experiment: str, last: int = 10) -> l
     refreshes = []
     for evaluation in reversed(evaluations):
         parent = client.get_run(evaluation.data.tags["mlflow.parentRunId"])
+        summary = unflatten(evaluation.data.metrics, "eval")
         refreshes.append({
             "run_id": parent.info.run_id, "name": parent.info.run_name, "started": started(parent),
             "method": parent.data.params.get("method"), "model_version": parent.data.tags.get("kdpo.model_version"),
-            "summary": unflatten(evaluation.data.metrics, "eval"),
+            "summary": summary, "gates": gate_results(logged_thresholds(evaluation), summary),
         })
     return refreshes
 
@@ -152,9 +224,10 @@ def log_report(client: MlflowClient, run_id: str, out_dir: Path, artifact_path: 
 
 
 @task(name="report")
-def report_refresh(parent_run_id: str, title: str, compare_last: int = 10) -> dict[str, str]:
+def report_refresh(parent_run_id: str, title: str, compare_last: int = 10) -> dict:
     """Render the refresh's report and the comparison with the experiment's last refreshes, log them under
-    ``report/`` and ``report/compare/`` of the parent run, with the final per-edit series; their URIs."""
+    ``report/`` and ``report/compare/`` of the parent run, with the final per-edit series; their URIs and
+    the refresh's outcome (:func:`refresh_outcome`)."""
     client = MlflowClient()
     result = run_result(client, parent_run_id)
     log_final_series(client, parent_run_id, result)
@@ -166,10 +239,5 @@ def report_refresh(parent_run_id: str, title: str, compare_last: int = 10) -> di
         write_report(render_result(result, report_dir, title), report_dir)
         write_report(render_compare(recent_refreshes(client, experiment, compare_last), compare_dir), compare_dir)
         return {"report": log_report(client, parent_run_id, report_dir, "report"),
-                "compare": log_report(client, parent_run_id, compare_dir, "report/compare")}
-
-
-def report_markdown(uris: dict[str, str]) -> str:
-    """The Prefect artifact's links to the logged reports."""
-    return (f"\n**Report:** [{uris['report']}]({uris['report']}) "
-            f"(comparison with recent refreshes: [{uris['compare']}]({uris['compare']}))\n")
+                "compare": log_report(client, parent_run_id, compare_dir, "report/compare"),
+                "outcome": result["outcome"]}

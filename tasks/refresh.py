@@ -2,7 +2,6 @@
 MLflow run (parameters, metrics, artifacts) under the flow's parent run."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -232,18 +231,29 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
-def summary_markdown(summary: dict, registration: dict, run_id: str) -> str:
-    """The Prefect flow-run artifact: the result table and where to find it in MLflow."""
+def summary_markdown(summary: dict, outcome: dict) -> str:
+    """The Prefect flow-run artifact: the result table, the gates with their thresholds, the registered version,
+    its alias and where to look (``tasks.dashboards.refresh_outcome``; links only where a server serves them)."""
+    from kdpo.cli import format_cell
+    from kdpo.report import outcome_rows
+
     metrics = ("edit_success", "generalization", "locality", "fluency", *EXACT)
     rows = "\n".join(
-        f"| {schedule} | " + " | ".join(f"{summary[schedule][m]:.3f}" if summary[schedule][m] is not None else "-"
-                                       for m in metrics) + " |"
+        f"| {schedule} | " + " | ".join(format_cell(summary[schedule][m]) for m in metrics) + " |"
         for schedule in ("immediate", "final")
     )
+    gates = "\n".join(f"| {g['gate']} | {format_cell(g['value'])} | {g['threshold']:g} | "
+                      f"{'passed' if g['passed'] else '**FAILED**'} |" for g in outcome["gates"])
+    where = "\n".join(f"| {what} | {markdown_link(text, href)} |" for what, text, href in outcome_rows(outcome))
     return (
         f"# Knowledge refresh: {summary['edits']} edits with {summary['method']}\n\n"
         f"| schedule | {' | '.join(m.replace('_', ' ') for m in metrics)} |\n|---|{'---|' * len(metrics)}\n"
-        f"{rows}\n\nRetention {summary['retention']:.3f}. MLflow run `{run_id}`; model version "
-        f"{registration['version']} ({'champion' if registration['promoted'] else 'challenger only'}).\n"
-        f"\n```json\n{json.dumps(registration)}\n```\n"
+        f"{rows}\n\nRetention {summary['retention']:.3f}.\n\n"
+        f"| gate | measured | threshold | result |\n|---|---|---|---|\n{gates}\n\n"
+        f"| | |\n|---|---|\n{where}\n"
     )
+
+
+def markdown_link(text: str, href: str | None) -> str:
+    """A Markdown link, or the text as code where there is nothing to link to."""
+    return f"[{text}]({href})" if href else f"`{text}`"

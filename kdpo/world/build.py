@@ -48,7 +48,7 @@ class WorldConfig:
     intermediate_size: int = 1024
     layers: int = 4
     heads: int = 4
-    max_epochs: int = 24
+    max_epochs: int = 60  # a cap: training stops at the first check (every check_every epochs) that meets recall_target
     check_every: int = 3
     lr: float = 5e-3
     weight_decay: float = 0.01

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from bench.measure import BUDGET_FORMULA, PEAK_FORMULA, Job, run_jobs, threads_per_job
-from kdpo.cli import UsageError, _split_setting, format_table
-from kdpo.config import ConfigError, build_settings
+from kdpo.cli import UsageError
+from kdpo.config import ConfigError, build_settings, split_setting
 from kdpo.editing import SCHEDULE, make_config
 from kdpo.evaluation import PROTOCOL
 from kdpo.loaders import EditDataError
 from kdpo.modeling import ModelLoadError
 from kdpo.world import World, WorldConfig, build_world
+from kdpo.tables import format_table
 from kdpo.world.build import DATA, world_key
 
 METHODS = ("kdpo", "dpo", "ft-l", "ft-m")
@@ -53,16 +54,17 @@ def parse_counts(text: str) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def prepare_world(args: argparse.Namespace) -> World:
-    """``--world DIR`` as it is, else the world that learned ``--edits-file``'s true facts, else the default
-    world (both built with ``--world-set`` settings, or reused from the cache)."""
-    if args.world:
-        info_path = Path(args.world) / "world.json"
+def prepare_world(world: str | None = None, edits_file: str | None = None, world_set: list[str] | None = None,
+                  quiet: bool = False) -> World:
+    """``world`` (a directory) as it is, else the world that learned ``edits_file``'s true facts, else the
+    default world (both built with the ``world_set`` KEY=VALUE settings, or reused from the cache)."""
+    if world:
+        info_path = Path(world) / "world.json"
         if not info_path.exists():
-            raise UsageError(f"--world {args.world} is not a built world (it has no world.json)")
-        return World(Path(args.world), json.loads(info_path.read_text()) | {"cached": True})
-    config = build_settings(WorldConfig, dict(_split_setting(item) for item in args.world_set or []), "world")
-    return build_world(config, from_file=args.edits_file, progress=not args.quiet)
+            raise UsageError(f"--world {world} is not a built world (it has no world.json)")
+        return World(Path(world), json.loads(info_path.read_text()) | {"cached": True})
+    config = build_settings(WorldConfig, dict(split_setting(item, "--world-set") for item in world_set or []), "world")
+    return build_world(config, from_file=edits_file, progress=not quiet)
 
 
 def world_summary(world: World) -> dict:
@@ -285,9 +287,9 @@ def log_to_mlflow(report: dict, out: Path, tracking_uri: str | None, artifact_ro
     run: the run ``mlflow run`` made, or a new one in experiment ``kdpo-benchmark``. Returns the run ids."""
     import mlflow  # here, not at module level: the measuring processes import this module and need no MLflow
 
-    from tasks.tracking import flat_metrics, step_run
+    from tasks.tracking import default_tracking_uri, flat_metrics, step_run
 
-    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db")
+    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
     reports = [str(out / "report.md"), str(out / "report.json")]
     tags = {"benchmark": report["name"], "schedule": report["schedule"], "edits_file": str(report["edits_file"]),
             "world": report["world"]["path"], "device": report["device"], "dtype": report["dtype"]}
@@ -345,28 +347,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Build the world, measure every method in its own process, write the report, log it. Returns it."""
-    counts = parse_counts(args.edits)
-    args.edits_file = args.edits_file or None  # `mlflow run` passes "" for "no file: the default world"
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    overrides = dict(_split_setting(item) for item in args.set or [])
+    """:func:`benchmark` with the command line's options."""
+    return benchmark(
+        args.edits, args.methods, world=args.world, edits_file=args.edits_file, world_set=args.world_set,
+        settings=args.set, device=args.device, dtype=args.dtype, name=args.name, out=args.out,
+        tracking_uri=args.tracking_uri, artifact_root=args.artifact_root, log_mlflow=not args.no_mlflow,
+        jobs=args.jobs, quiet=args.quiet,
+    )
+
+
+def benchmark(
+    edits: str, methods: str, world: str | None = None, edits_file: str | None = None,
+    world_set: list[str] | None = None, settings: list[str] | None = None, device: str = "cpu",
+    dtype: str = "float32", name: str | None = None, out: str | None = None, tracking_uri: str | None = None,
+    artifact_root: str | None = None, log_mlflow: bool = True, jobs: int = 1, quiet: bool = False,
+) -> dict:
+    """Build the world, measure every method in its own process, write the report, log it. Returns it.
+    ``edits`` and ``methods`` are comma-separated, ``world_set`` and ``settings`` KEY=VALUE items."""
+    counts = parse_counts(edits)
+    edits_file = edits_file or None  # `mlflow run` passes "" for "no file: the default world"
+    methods = [m.strip() for m in methods.split(",") if m.strip()]
+    overrides = dict(split_setting(item) for item in settings or [])
     for method in methods:
         make_config(method, overrides=overrides)  # a bad method or setting fails here, before any work
-    world = prepare_world(args)
-    if world.info["edits"] < counts[-1]:
-        raise UsageError(f"--edits asks for {counts[-1]} sequential edits, but {world.info['source']} "
-                         f"gives {world.info['edits']} edit requests")
-    name = args.name or next(Path(p).stem for p in (args.edits_file, args.world, "default-world") if p)
-    out = Path(args.out or Path("bench/results") / name)
+    built = prepare_world(world, edits_file, world_set, quiet)
+    if built.info["edits"] < counts[-1]:
+        raise UsageError(f"--edits asks for {counts[-1]} sequential edits, but {built.info['source']} "
+                         f"gives {built.info['edits']} edit requests")
+    name = name or next(Path(p).stem for p in (edits_file, world, "default-world") if p)
+    out = Path(out or Path("bench/results") / name)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [Job(str(world.path), method, counts, overrides, args.device, args.dtype, out=str(out),
-                progress=not args.quiet and args.jobs == 1, threads=threads_per_job(args.jobs)) for method in methods]
-    rows = run_jobs(jobs, args.jobs, args.quiet)  # a finished method's summary is kept: re-running resumes
-    report = build_report(name, args.edits_file, world, counts, rows, args.device, args.dtype)
+    measured = [Job(str(built.path), method, counts, overrides, device, dtype, out=str(out),
+                    progress=not quiet and jobs == 1, threads=threads_per_job(jobs)) for method in methods]
+    rows = run_jobs(measured, jobs, quiet)  # a finished method's summary is kept: re-running resumes
+    report = build_report(name, edits_file, built, counts, rows, device, dtype)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
-    if not args.no_mlflow:
-        report["mlflow_runs"] = log_to_mlflow(report, out, args.tracking_uri, args.artifact_root)
+    if log_mlflow:
+        report["mlflow_runs"] = log_to_mlflow(report, out, tracking_uri, artifact_root)
     return report
 
 

@@ -24,15 +24,14 @@ from transformers import AutoTokenizer
 
 from bench.compare import METHODS, parse_counts, prepare_world, run_and_print, world_summary
 from bench.measure import Job, run_jobs, threads_per_job
-from kdpo.cli import UsageError, _split_setting
-from kdpo.config import build_settings
+from kdpo.cli import UsageError
+from kdpo.config import build_settings, split_setting
 from kdpo.editing import SCHEDULE, make_config
 from kdpo.evaluation import PROTOCOL
+from kdpo.tables import TABLE, format_table
 from kdpo.world import WorldConfig, build_world
 
 PROTECTIONS = ("memory", "null-space", "none")
-HEADLINE = ("edit_success", "generalization", "locality", "retention", "fluency", "edit_success_exact",
-            "generalization_exact", "locality_exact")
 BAR = {"edit_success": 0.99, "generalization": 0.90, "locality": 0.97, "retention": 0.99, "edit_success_exact": 0.95}
 FLUENCY_TOLERANCE = 0.02  # relative to the pre-edit model
 SECONDS_PER_EDIT = 0.1  # per KDPO edit with default settings on the default world, 2 CPU cores
@@ -40,14 +39,11 @@ DEFAULT_PROTECTION = make_config("kdpo").protection
 
 
 def headline(summary: dict) -> dict:
-    """Final ES/GEN/LOC/fluency (teacher-forced and exact), retention, immediate ES, s/edit and weight drift of
-    one summary."""
+    """The final scores (``TABLE``: teacher-forced and exact), retention, immediate ES, s/edit and weight drift
+    of one summary."""
     final = summary["final"]
     return {
-        "edit_success": final["edit_success"], "generalization": final["generalization"],
-        "locality": final["locality"], "retention": summary["retention"], "fluency": final["fluency"],
-        "edit_success_exact": final.get("edit_success_exact"),
-        "generalization_exact": final.get("generalization_exact"), "locality_exact": final.get("locality_exact"),
+        **{metric: final.get(metric) for metric in TABLE}, "retention": summary["retention"],
         "fluency_before": summary["fluency_before"], "immediate_edit_success": summary["immediate"]["edit_success"],
         "seconds_per_edit": summary["seconds_per_edit"], "weight_drift": summary.get("weight_drift", {}),
     }
@@ -79,7 +75,7 @@ def summarize_variant(runs: list[dict], counts: tuple[int, ...]) -> dict:
         figures = [headline(run["by_count"][position]) for run in runs]
         by_count[count] = {
             name: aggregate([f[name] for f in figures])
-            for name in (*HEADLINE, "fluency_before", "immediate_edit_success", "seconds_per_edit")
+            for name in (*TABLE, "retention", "fluency_before", "immediate_edit_success", "seconds_per_edit")
         }
     by_count[counts[-1]]["multi_token_edit_success"] = aggregate([run["multi_token"]["edit_success"] for run in runs])
     return by_count
@@ -144,19 +140,19 @@ def markdown(report: dict) -> str:
             _cell(last[m]) for m in ("immediate_edit_success", "edit_success", "multi_token_edit_success",
                                      "generalization", "locality", "retention", "fluency", "edit_success_exact",
                                      "generalization_exact", "locality_exact", "seconds_per_edit")])
-    lines += [f"## After {counts[-1]} edits (mean ± sd over seeds)", "", _md_table(header, rows), ""]
+    lines += [f"## After {counts[-1]} edits (mean ± sd over seeds)", "", format_table(header, rows, markdown=True), ""]
     curve_rows = []
     for name, by_count in sorted(report["variants"].items()):
         for count in counts:
             c = by_count[count]
             curve_rows.append([name, count] + [_cell(c[m]) for m in ("edit_success", "generalization", "locality",
                                                                        "retention")])
-    lines += ["## Curve", "", _md_table(["variant", "edits", "ES", "GEN", "LOC", "RET"], curve_rows), "",
+    lines += ["## Curve", "", format_table(["variant", "edits", "ES", "GEN", "LOC", "RET"], curve_rows, markdown=True), "",
               "![curves](curves.png)", ""]
     if report["bar"]:
-        lines += [f"## The bar (KDPO, default settings: {DEFAULT_PROTECTION})", "", _md_table(
+        lines += [f"## The bar (KDPO, default settings: {DEFAULT_PROTECTION})", "", format_table(
             ["target", "measured", "met"],
-            [[c["target"], _measured(c), "yes" if c["met"] else "NO"] for c in report["bar"]]), ""]
+            [[c["target"], _measured(c), "yes" if c["met"] else "NO"] for c in report["bar"]], markdown=True), ""]
     lines += ["Fluency: weighted 2/3-gram entropy of greedy generations; before editing: "
               + ", ".join(f"seed {w['seed']}: {w['fluency_before']:.3f}" for w in report["worlds"]), ""]
     return "\n".join(lines)
@@ -173,11 +169,6 @@ def _cell(stat: dict) -> str:
     if stat["mean"] is None:
         return "-"
     return f"{stat['mean']:.3f}" + (f" ± {stat['sd']:.3f}" if stat["sd"] else "")
-
-
-def _md_table(header: list[str], rows: list[list]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,18 +197,18 @@ def run(args: argparse.Namespace) -> dict:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if not args.world else [None]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     protections = [p.strip() for p in args.protections.split(",") if p.strip()]
-    overrides = dict(_split_setting(item) for item in args.set or [])
+    overrides = dict(split_setting(item) for item in args.set or [])
     for method in methods:
         for protection in protections:
             make_config(method, overrides=overrides | {"protection": protection})  # fail before any work
-    world_settings = dict(_split_setting(item) for item in args.world_set or [])
+    world_settings = dict(split_setting(item, "--world-set") for item in args.world_set or [])
     name = args.name or next(Path(p).stem for p in (args.edits_file, args.world, "default-world") if p)
     out = Path(args.out or Path("bench/results") / f"lifelong-{name}")
     out.mkdir(parents=True, exist_ok=True)
     worlds, jobs = [], []
     for seed in seeds:
         if args.world:
-            world = prepare_world(args)
+            world = prepare_world(args.world, quiet=args.quiet)
             seed = world.info["config"]["seed"]
         else:
             config = build_settings(WorldConfig, world_settings | {"seed": str(seed)}, "world")

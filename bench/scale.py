@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench.compare import METHODS, markdown, prepare_world, run, run_and_print
-from kdpo.cli import UsageError, _split_setting
-from kdpo.config import ConfigError, coerce_setting
+from bench.compare import METHODS, benchmark, markdown, prepare_world, run_and_print
+from kdpo.cli import UsageError
+from kdpo.config import ConfigError, coerce_setting, split_setting
 from kdpo.world import World
 
 # Sizes of the public configs (config.json of each model on the hub), architecture only.
@@ -110,16 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_scaled(args: argparse.Namespace) -> dict:
     """Make (or reuse) the random model, then run ``bench.compare`` on it; no MLflow logging."""
-    overrides = dict(_split_setting(item) for item in args.shape_set or [])
-    base = prepare_world(argparse.Namespace(world=args.world, world_set=None, edits_file=None, quiet=args.quiet))
+    overrides = dict(split_setting(item, "--shape-set") for item in args.shape_set or [])
+    base = prepare_world(args.world, quiet=args.quiet)
     suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
     world = make_scaled_world(base, args.shape, Path(args.models) / f"{args.shape}{suffix}", overrides)
     name = args.name or f"scale-{args.shape}{suffix}-{args.dtype}"
-    compare_args = argparse.Namespace(
-        edits_file=None, world=str(world.path), edits=args.edits, methods=args.methods, world_set=None, set=args.set,
-        device=args.device, dtype=args.dtype, name=name, out=args.out, tracking_uri=None, artifact_root=None,
-        no_mlflow=True, jobs=1, quiet=args.quiet)
-    return run(compare_args)
+    return benchmark(args.edits, args.methods, world=str(world.path), settings=args.set, device=args.device,
+                     dtype=args.dtype, name=name, out=args.out, log_mlflow=False, quiet=args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
-from flows.knowledge_refresh import default_tracking_uri, starting_model
+from flows.knowledge_refresh import starting_model
 from kdpo.evaluation import compare_to_baseline
 from kdpo.loaders import load_requests
 from kdpo.memory import EditMemory
@@ -21,7 +21,7 @@ from kdpo.modeling import load_model
 from kdpo.requests import EditRequest
 from kdpo.world import default_world
 from tasks.refresh import NO_CHAMPION
-from tasks.tracking import flat_metrics
+from tasks.tracking import default_tracking_uri, flat_metrics
 
 
 def memory_case_ids(model_dir: str) -> list[str]:

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.knowledge_refresh import RefreshInputError, default_tracking_uri, knowledge_refresh
+from flows.knowledge_refresh import RefreshInputError, knowledge_refresh
+from tasks.tracking import default_tracking_uri
 
 EDIT_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 

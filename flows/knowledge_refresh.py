@@ -39,22 +39,11 @@ from kdpo.world import recall_shortfall
 from tasks.caching import RefreshLocked, refresh_lock, refresh_work_dir
 from tasks.dashboards import refresh_run_name, report_refresh, version_description
 from tasks.refresh import (
-    NO_CHAMPION, DataGateError, apply_edits, evaluate_refresh, log_probe, probe_baseline, register_model, revert_edits,
-    summary_markdown, validate_edits,
+    DEFAULT_GATES, NO_CHAMPION, DataGateError, apply_edits, evaluate_refresh, log_probe, probe_baseline, register_model,
+    revert_edits, summary_markdown, validate_edits,
 )
-from tasks.tracking import end_abandoned_runs, fails_run, model_directory
+from tasks.tracking import default_tracking_uri, end_abandoned_runs, fails_run, model_directory
 from tasks.world import cached_world
-
-DEFAULT_GATES = {  # a refresh is promoted only if its final scores (teacher-forced and exact) reach these
-    "min_edit_success": 0.95, "min_generalization": 0.8, "min_locality": 0.9, "max_fluency_drop": 0.5,
-    "min_edit_success_exact": 0.9, "min_generalization_exact": 0.7, "min_locality_exact": 0.9,
-}
-
-
-def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` (set by ``mlflow run``), else a sqlite store inside the project folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
-
 
 class RefreshInputError(ValueError):
     """An argument, method, setting or tracking URI the refresh cannot run with (found before any work)."""
@@ -187,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as STARTUP, temporary_settings
 
-    from kdpo.cli import summary_table
+    from kdpo.tables import summary_table
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--edits", dest="edits_path", help="edit-request file (default: the starting model's edits)")

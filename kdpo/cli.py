@@ -25,12 +25,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from kdpo.config import ConfigError, build_settings
+from kdpo.config import ConfigError, build_settings, split_setting
 from kdpo.loaders import FORMATS, EditDataError, check_context, context_limit, error_line, load_requests, one_line
 from kdpo.requests import SkippedRecord
-
-HEADLINE = ("edit_success", "generalization", "locality", "portability", "fluency")
-TABLE = (*HEADLINE, "edit_success_exact", "generalization_exact", "locality_exact")  # with the generation-based ones
+from kdpo.tables import TABLE, format_cell, format_table, summary_table
 
 
 class UsageError(Exception):
@@ -151,36 +149,6 @@ def _check_context(requests, tokenizer, config, edits_path) -> None:
     check_context(requests, tokenizer, context_limit(config), edits_path)
 
 
-def format_table(headers: list[str], rows: list[list]) -> str:
-    """A plain aligned text table; floats with 3 decimals, None as '-'."""
-    cells = [[format_cell(v) for v in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda values: "  ".join(str(v).ljust(w) for v, w in zip(values, widths))  # noqa: E731
-    return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
-
-
-def format_cell(value) -> str:
-    """A table cell: floats to 3 decimals, None as "-"."""
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def summary_table(summaries: list[dict]) -> str:
-    """One row per run: immediate and final headline metrics, retention, cost."""
-    headers = ["method", "edits", "schedule", *TABLE, "retention", "s/edit"]
-    rows = []
-    for s in summaries:
-        for schedule in ("immediate", "final"):
-            metrics = s[schedule]
-            rows.append([
-                s["method"], s["edits"], schedule, *(metrics.get(m) for m in TABLE),
-                s["retention"] if schedule == "final" else None,
-                s["seconds_per_edit"] if schedule == "final" else None,
-            ])
-    return format_table(headers, rows)
-
-
 # --- commands ---------------------------------------------------------------------------------
 
 
@@ -189,7 +157,7 @@ def cmd_world_build(args) -> int:
         raise UsageError("--skip-invalid needs --from FILE (the shipped fact table has no invalid records)")
     from kdpo.world import WorldConfig, build_world, cache_root
 
-    config = build_settings(WorldConfig, dict(_split_setting(item) for item in args.set or []), "world")
+    config = build_settings(WorldConfig, dict(split_setting(item) for item in args.set or []), "world")
     _check_output(args.out, "--out", directory=True)
     with _writing("--out", args.out or cache_root()):
         world = build_world(config, from_file=args.from_file, out=args.out, force=args.force, progress=not args.json,
@@ -230,11 +198,11 @@ def cmd_probe(args) -> int:
 
 def cmd_edit(args) -> int:
     from kdpo.editing import make_config, run_sequential
-    from kdpo.modeling import load_model, save_model
+    from kdpo.modeling import load_model, save_edited
 
     _check_output(args.output, "--output", directory=False)
     _check_output(args.save, "--save", directory=True)
-    overrides = dict(_split_setting(item) for item in args.set or [])
+    overrides = dict(split_setting(item) for item in args.set or [])
     config = make_config(args.method, args.config, overrides)
     model_path, edits_path, requests, corpus = _model_and_requests(args)
     if args.protection_corpus:
@@ -249,7 +217,7 @@ def cmd_edit(args) -> int:
             result.write_json(args.output)
     if args.save:
         with _writing("--save", args.save):
-            save_model(model, tokenizer, args.save)
+            save_edited(model, tokenizer, args.save, source=model_path, new_facts=requests)
     if args.json:
         print(json.dumps(result.to_dict() if args.full else {"summary": result.summary(), "schedule": result.schedule,
                                                                "config": result.config}, indent=2))
@@ -296,8 +264,10 @@ def cmd_memory_remove(args) -> int:
     for case_id in args.case_ids:
         if not editor.revert(case_id):
             raise UsageError(f"{args.model}: no edit with case_id {case_id!r} in the edit memory (see kdpo memory list)")
+    from kdpo.modeling import save_edited
+
     with _writing("--model", args.model):
-        memory.save(args.model)
+        save_edited(model, tokenizer, args.model, source=args.model)
     print(f"removed {', '.join(args.case_ids)}; {len(memory.slots)} subjects remain in {args.model}")
     return 0
 
@@ -374,13 +344,6 @@ def _read_json(path: str):
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UsageError(f"cannot read {path} as JSON: {error}") from error
-
-
-def _split_setting(item: str) -> tuple[str, str]:
-    if "=" not in item:
-        raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-    key, value = item.split("=", 1)
-    return key.strip(), value.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,14 @@ def read_settings_file(path: str | Path) -> dict:
     return values
 
 
+def split_setting(item: str, option: str = "--set") -> tuple[str, str]:
+    """A ``KEY=VALUE`` option value as (key, value), stripped; a ConfigError naming ``option`` otherwise."""
+    if "=" not in item:
+        raise ConfigError(f"{option} expects KEY=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
 def build_settings(cls: type[T], values: dict, what: str) -> T:
     """An instance of the dataclass ``cls`` from defaults and ``values`` (CLI strings are parsed)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -23,7 +23,7 @@ from kdpo.evaluation import PROTOCOL, Probe, RequestScores, evaluate, evaluate_w
 from kdpo.keystats import key_covariances
 from kdpo.memory import EditMemory
 from kdpo.metrics import mean
-from kdpo.modeling import load_model, save_model
+from kdpo.modeling import load_model, save_edited
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest
 from kdpo.text import sentences
@@ -294,7 +294,7 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".writing-"))
-    save_model(model, tokenizer, staging)
+    save_edited(model, tokenizer, staging)
     torch.save({
         "protected": None if checkpoint.protected is None else [s.state_dict() for s in checkpoint.protected],
         "original_weights": checkpoint.original_weights,

@@ -1,6 +1,10 @@
 """Loading a causal LM and turning (prompt, answer) pairs into teacher-forced batches."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,10 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as transformers_logging
 
 from kdpo.memory import EditMemory
+from kdpo.requests import EditRequest
 
 transformers_logging.disable_progress_bar()  # our own bars say what is going on; weight loading is instant
 
 IGNORE = -100  # label value of positions that carry no answer token
+CORPUS = "corpus.txt"  # the text a kdpo model knows: later edits train and protect with it
+CARRIED = (CORPUS, "edits.jsonl")  # what a kdpo model carries beside its weights: its corpus and default edits
 
 
 class ModelLoadError(RuntimeError):
@@ -48,13 +55,35 @@ def load_model(
     return model, tokenizer
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
-    """Write the model as a Hugging Face directory, with its edit memory (if any) beside the weights."""
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    memory = EditMemory.of(model)
-    if memory is not None:
-        memory.save(directory)
+def save_edited(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
+    source: str | Path | None = None, new_facts: Sequence[EditRequest] = (),
+) -> None:
+    """Write an edited model as a Hugging Face directory: weights, tokenizer, its edit memory (if any), and the
+    files a kdpo model carries from ``source`` (``CARRIED``), with ``new_facts`` appended to a carried corpus so
+    that later edits train and protect with them too.
+
+    The files are written into a staging folder and then moved in one by one, so ``directory`` may be the
+    model's own (``source``): the weights it was loaded from are never overwritten while they are read."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.saving-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        memory = EditMemory.of(model)
+        if memory is not None:
+            memory.save(staging)
+        for name in CARRIED:
+            if source is not None and (Path(source) / name).is_file():
+                shutil.copy(Path(source) / name, staging / name)
+        if new_facts and (staging / CORPUS).exists():
+            with open(staging / CORPUS, "a") as handle:
+                handle.writelines(f"{r.prompt} {r.target_new}.\n" for r in new_facts)
+        for path in staging.iterdir():
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass

@@ -28,8 +28,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from kdpo.cli import HEADLINE, format_cell
-from kdpo.evaluation import EXACT, RequestScores, first_sentence, summarize
+from kdpo.evaluation import RequestScores, first_sentence, summarize
+from kdpo.tables import TABLE, format_cell
 
 DPI = 100
 LINE_STYLES = ("-", "--", ":", "-.")  # overlapping curves (all at 1.0, say) stay distinguishable
@@ -37,7 +37,7 @@ MARKERS = ("o", "s", "^", "x", "D", "v", "P", "*")
 RADAR_SIZE = (6.0, 6.0)  # inches; at DPI, 600 x 600 pixels
 CURVE_SIZE = (9.0, 3.2)  # 900 x 320 pixels
 PANEL_SIZE = (4.5, 2.2)  # one gated metric of the compare view: 450 x 220 pixels per panel, two panels a row
-METRICS = (*HEADLINE, *EXACT)  # the teacher-forced headline metrics, then the generation-based ones
+METRICS = TABLE  # the teacher-forced headline metrics, then the generation-based ones
 LABELS = {
     "edit_success": "edit success", "generalization": "generalization", "locality": "locality",
     "portability": "portability", "fluency": "fluency (÷ before)", "edit_success_exact": "edit success (exact)",

@@ -16,9 +16,11 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from kdpo.report import (
-    METRICS, ReportInputError, gate_results, render_compare, render_result, write_report,
+    ReportInputError, gate_results, render_compare, render_result, write_report,
 )
-from tasks.tracking import flat_metrics
+from kdpo.tables import schedule_table
+from tasks.refresh import DEFAULT_GATES
+from tasks.tracking import default_tracking_uri, flat_metrics
 
 RESULT_ARTIFACT = "edit/result.json"
 
@@ -29,8 +31,6 @@ class RunNotFound(ReportInputError):
 
 def client(tracking_uri: str | None = None) -> MlflowClient:
     """A client for ``tracking_uri``, else the refresh flow's default store."""
-    from flows.knowledge_refresh import default_tracking_uri  # flows import this module
-
     return MlflowClient(tracking_uri or default_tracking_uri())
 
 
@@ -101,8 +101,6 @@ def refresh_links(tracking_uri: str, experiment: str, run_id: str, model_name: s
 
 def logged_thresholds(evaluation: Run) -> dict[str, float]:
     """The promotion thresholds an evaluate step ran with (its params), else the flow's default gates."""
-    from flows.knowledge_refresh import DEFAULT_GATES  # flows import this module
-
     params = evaluation.data.params
     return {gate: float(params[gate]) for gate in DEFAULT_GATES if gate in params} or dict(DEFAULT_GATES)
 
@@ -188,15 +186,10 @@ def refresh_run_name(model_name: str, summary: dict, edits_path: str, version: s
 
 def version_description(summary: dict, edits_path: str, decision: dict, run_id: str) -> str:
     """The registered model version's description (Markdown): what was edited, the scores, the gates."""
-    rows = "\n".join(
-        f"| {schedule} | " + " | ".join("-" if summary[schedule].get(m) is None else f"{summary[schedule][m]:.3f}"
-                                       for m in METRICS) + " |"
-        for schedule in ("immediate", "final")
-    )
     gates = ", ".join(f"{name} {'passed' if ok else 'FAILED'}" for name, ok in decision["checks"].items())
     return (
         f"{summary['edits']} sequential {summary['method']} edits from `{Path(edits_path).name}`.\n\n"
-        f"| schedule | {' | '.join(METRICS)} |\n|---|{'---|' * len(METRICS)}\n{rows}\n\n"
+        f"{schedule_table(summary, markdown=True)}\n\n"
         f"Retention {summary['retention']:.3f}; fluency before editing {summary['fluency_before']:.3f}; "
         f"{summary['seconds_per_edit']:.2f} s/edit. Gates: {gates}. MLflow run `{run_id}`."
     )

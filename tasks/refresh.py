@@ -2,7 +2,6 @@
 MLflow run (parameters, metrics, artifacts) under the flow's parent run."""
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,13 +16,18 @@ from kdpo.editing import (
 )
 from kdpo.evaluation import EXACT, Probe, probe, summarize
 from kdpo.loaders import check_context, context_limit, load_requests, write_jsonl
-from kdpo.modeling import load_model, save_model
+from kdpo.modeling import load_model, save_edited
 from kdpo.requests import EditRequest
+from kdpo.tables import format_table, schedule_table
 from kdpo.world import model_corpus
 from tasks.caching import probe_cache_key
 from tasks.tracking import flat_metrics, step_run
 
 
+DEFAULT_GATES = {  # a refresh is promoted only if its final scores (teacher-forced and exact) reach these
+    "min_edit_success": 0.95, "min_generalization": 0.8, "min_locality": 0.9, "max_fluency_drop": 0.5,
+    "min_edit_success_exact": 0.9, "min_generalization_exact": 0.7, "min_locality_exact": 0.9,
+}
 NO_CHAMPION = "none"  # started_from when a refresh started from the world because there was no champion
 
 
@@ -124,22 +128,10 @@ def apply_edits(
             resume=resume, checkpoint_every=checkpoint_every, on_checkpoint=checkpoint,
         )
         edited = Path(work_dir) / "edited-model"
-        save_model(model, tokenizer, edited)
-        carry_model_files(model_dir, edited)
-        if corpus is not None:  # the new facts join the corpus, so later refreshes protect them too
-            with open(edited / "corpus.txt", "a") as handle:
-                handle.writelines(f"{r.prompt} {r.target_new}.\n" for r in requests)
+        save_edited(model, tokenizer, edited, source=model_dir, new_facts=requests)
         result.write_json(Path(work_dir) / "result.json")
         mlflow.log_artifact(str(Path(work_dir) / "result.json"), "edit")
     return str(edited), result.summary()
-
-
-def carry_model_files(source: str | Path, target: Path) -> None:
-    """Copy the files a kdpo model carries beside its weights: the corpus later refreshes train and protect
-    with, and its default edits."""
-    for carried in ("corpus.txt", "edits.jsonl"):
-        if (Path(source) / carried).exists():
-            shutil.copy(Path(source) / carried, target / carried)
 
 
 @task(name="revert-edits")
@@ -152,8 +144,7 @@ def revert_edits(model_dir: str, case_ids: list[str], parent_run_id: str, work_d
     if missing:
         raise ValueError(f"{model_dir}: no edit with case_id {', '.join(missing)} in its edit memory")
     reverted = Path(work_dir) / "reverted-model"
-    save_model(model, tokenizer, reverted)
-    carry_model_files(model_dir, reverted)
+    save_edited(model, tokenizer, reverted, source=model_dir)
     with step_run("revert", parent_run_id, {"model": model_dir, "case_ids": ",".join(case_ids)}):
         mlflow.log_metrics({"revert/edits": len(case_ids), "revert/slots": len(editor.memory.slots)})
     return str(reverted)
@@ -234,23 +225,16 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 def summary_markdown(summary: dict, outcome: dict) -> str:
     """The Prefect flow-run artifact: the result table, the gates with their thresholds, the registered version,
     its alias and where to look (``tasks.dashboards.refresh_outcome``; links only where a server serves them)."""
-    from kdpo.cli import format_cell
     from kdpo.report import outcome_rows
 
-    metrics = ("edit_success", "generalization", "locality", "fluency", *EXACT)
-    rows = "\n".join(
-        f"| {schedule} | " + " | ".join(format_cell(summary[schedule][m]) for m in metrics) + " |"
-        for schedule in ("immediate", "final")
-    )
-    gates = "\n".join(f"| {g['gate']} | {format_cell(g['value'])} | {g['threshold']:g} | "
-                      f"{'passed' if g['passed'] else '**FAILED**'} |" for g in outcome["gates"])
-    where = "\n".join(f"| {what} | {markdown_link(text, href)} |" for what, text, href in outcome_rows(outcome))
+    gates = [[g["gate"], g["value"], f"{g['threshold']:g}", "passed" if g["passed"] else "**FAILED**"]
+             for g in outcome["gates"]]
+    where = [[what, markdown_link(text, href)] for what, text, href in outcome_rows(outcome)]
     return (
         f"# Knowledge refresh: {summary['edits']} edits with {summary['method']}\n\n"
-        f"| schedule | {' | '.join(m.replace('_', ' ') for m in metrics)} |\n|---|{'---|' * len(metrics)}\n"
-        f"{rows}\n\nRetention {summary['retention']:.3f}.\n\n"
-        f"| gate | measured | threshold | result |\n|---|---|---|---|\n{gates}\n\n"
-        f"| | |\n|---|---|\n{where}\n"
+        f"{schedule_table(summary, markdown=True)}\n\nRetention {summary['retention']:.3f}.\n\n"
+        f"{format_table(['gate', 'measured', 'threshold', 'result'], gates, markdown=True)}\n\n"
+        f"{format_table(['', ''], where, markdown=True)}\n"
     )
 
 

@@ -2,12 +2,18 @@
 end states of a refresh's runs (FAILED when it stops, KILLED when a killed try is found)."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` (set by ``mlflow run``), else a sqlite store inside the project folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
 
 
 @contextmanager

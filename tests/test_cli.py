@@ -120,17 +120,27 @@ def test_edit_json_with_settings(tiny_world, capsys):
     assert code == 0 and document["config"]["lr"] == 1e-3 and document["summary"]["edits"] == 2
 
 
-def test_memory_list_and_remove(tiny_world, tmp_path, capsys):
+def test_memory_list_and_remove(tiny_world, tiny_requests, tmp_path, capsys):
     edited = tmp_path / "edited"
     code, out, _ = run(capsys, "edit", "--model", tiny_world.path, "--n", 2, "--set", "max_steps=150", "--save", edited,
                        "--json")
     assert code == 0 and json.loads(out)["summary"]["memory"]["facts"] == 2
     assert (edited / "edit_memory.safetensors").exists()
+    # the saved model carries its edits and its corpus, the new facts appended, as the pipeline's does
+    corpus = (tiny_world.path / "corpus.txt").read_text() + "".join(
+        f"{r.prompt} {r.target_new}.\n" for r in tiny_requests[:2])
+    assert (edited / "corpus.txt").read_text() == corpus
+    assert (edited / "edits.jsonl").read_text() == tiny_world.edits_path.read_text()
+    # so it is edited again with default settings (its own edits, its memory trained on its corpus)
+    code, out, _ = run(capsys, "edit", "--model", edited, "--n", 3, "--json")
+    assert code == 0 and json.loads(out)["summary"]["memory"]["facts"] == 3
     code, out, _ = run(capsys, "memory", "list", "--model", edited, "--json")
     facts = json.loads(out)["facts"]
     assert code == 0 and len(facts) == 2
     code, out, _ = run(capsys, "memory", "remove", facts[0]["case_id"], "--model", edited)
     assert code == 0 and facts[0]["case_id"] in out
+    assert (edited / "corpus.txt").read_text() == corpus and (edited / "edits.jsonl").exists()
+    assert not list(tmp_path.glob(".edited.saving-*"))  # saved in place through a staging folder, then removed
     code, out, _ = run(capsys, "memory", "list", "--model", edited, "--json")
     assert [f["case_id"] for f in json.loads(out)["facts"]] == [facts[1]["case_id"]]
     code, _, err = run(capsys, "memory", "remove", "no-such-case", "--model", edited)

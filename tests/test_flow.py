@@ -94,7 +94,7 @@ def test_refresh_tracks_every_step_and_registers(tiny_world, tiny_requests, trac
     assert answers == [r.target_new for r in tiny_requests[:3]]  # the edited facts, nothing after them
 
 
-def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking, tmp_path):
+def test_failing_gate_leaves_champion_where_it_was(tiny_world, tiny_requests, tracking, tmp_path):
     first = knowledge_refresh(model=str(tiny_world.path), limit=2, tracking_uri=tracking, artifact_root=str(tmp_path / 'artifacts'), model_name="gated",
                               settings={"max_steps": 150}, gates=RELAXED)
     # no model given: the refresh starts from models:/gated@champion, the first refresh's edited model
@@ -103,7 +103,11 @@ def test_failing_gate_leaves_champion_where_it_was(tiny_world, tracking, tmp_pat
                                gates={"min_edit_success": 1.01})
     client = MlflowClient(tracking)
     params = client.get_run(second["run_id"]).data.params
-    assert params["model"] != str(tiny_world.path) and (Path(params["model"]) / "corpus.txt").exists()
+    champion = Path(params["model"])  # the first refresh's edited model carries what `kdpo edit --save` writes
+    assert champion != tiny_world.path and (champion / "edit_memory.safetensors").exists()
+    assert (champion / "corpus.txt").read_text() == (tiny_world.path / "corpus.txt").read_text() + "".join(
+        f"{r.prompt} {r.target_new}.\n" for r in tiny_requests[:2])
+    assert (champion / "edits.jsonl").read_text() == tiny_world.edits_path.read_text()
     assert params["started_from_champion"] == first["version"]
     assert not second["promoted"]
     assert client.get_model_version("gated", second["version"]).tags["rejected"].startswith("edit_success ")

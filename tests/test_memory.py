@@ -11,7 +11,7 @@ from kdpo.evaluation import score_pairs
 from kdpo.layers import find_module
 from kdpo.editing import withhold_evaluation_text
 from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
-from kdpo.modeling import load_model, save_model
+from kdpo.modeling import load_model, save_edited
 
 MEMORY = {"max_steps": "150"}
 
@@ -230,7 +230,7 @@ def test_memory_is_saved_and_loaded_with_the_model(tiny_world, tiny_requests, ti
     editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo"), tiny_world.corpus())
     for request in tiny_requests[:3]:
         editor.edit(request)
-    save_model(model, tokenizer, tmp_path / "edited")
+    save_edited(model, tokenizer, tmp_path / "edited")
     loaded, _ = load_model(tmp_path / "edited")
     prompts = tokenizer([r.prompt for r in tiny_requests[:3]], return_tensors="pt", padding=True)
     assert torch.equal(loaded(**prompts).logits, model(**prompts).logits)

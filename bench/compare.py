@@ -36,6 +36,8 @@ from kdpo.world.build import DATA, world_key
 
 METHODS = ("kdpo", "dpo", "ft-l", "ft-m")
 EXPERIMENT = "kdpo-benchmark"
+DASK_ADDRESS_HELP = ("a running Dask scheduler (tcp://HOST:8786) whose workers run the jobs instead of a local cluster "
+                     "of --jobs workers; start them with --nthreads 1, where they see the world and --out paths")
 QUALITY_TARGETS = {"edit_success": 0.95, "generalization": 0.80, "locality": 0.90, "retention": 0.85}
 SPEED_TARGET = 0.1  # seconds per KDPO edit on the default world
 MEMORY_TARGET = 1.5  # peak over (model + trained-delta state)
@@ -338,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifact-root", help="where a new kdpo-benchmark experiment keeps artifacts: a URI as given, a local path "
                         "as a file URI (default: the server's store for http(s) tracking, else ./mlartifacts)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the report only")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="methods at a time, each in its own process with cores/JOBS torch threads (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="methods at a time: worker processes of the local Dask "
+                        "cluster, each job with cores/JOBS torch threads (default 1)")
+    parser.add_argument("--dask-address", help=DASK_ADDRESS_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -361,7 +364,7 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     jobs = [Job(str(world.path), method, counts, overrides, args.device, args.dtype, out=str(out),
                 progress=not args.quiet and args.jobs == 1, threads=threads_per_job(args.jobs)) for method in methods]
-    rows = run_jobs(jobs, args.jobs, args.quiet)  # a finished method's summary is kept: re-running resumes
+    rows = run_jobs(jobs, args.jobs, args.quiet, args.dask_address)  # a finished method's summary is kept: resumes
     report = build_report(name, args.edits_file, world, counts, rows, args.device, args.dtype)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench.compare import METHODS, markdown, prepare_world, run, run_and_print
+from bench.compare import DASK_ADDRESS_HELP, METHODS, markdown, prepare_world, run, run_and_print
 from kdpo.cli import UsageError, _split_setting
 from kdpo.config import ConfigError, coerce_setting
 from kdpo.world import World
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default="bench/results/models", help="where the random models are saved")
     parser.add_argument("--name", help="report name (default: scale-SHAPE-DTYPE)")
     parser.add_argument("--out", help="report folder (default: bench/results/NAME)")
+    parser.add_argument("--dask-address", help=DASK_ADDRESS_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -118,7 +119,7 @@ def run_scaled(args: argparse.Namespace) -> dict:
     compare_args = argparse.Namespace(
         edits_file=None, world=str(world.path), edits=args.edits, methods=args.methods, world_set=None, set=args.set,
         device=args.device, dtype=args.dtype, name=name, out=args.out, tracking_uri=None, artifact_root=None,
-        no_mlflow=True, jobs=1, quiet=args.quiet)
+        no_mlflow=True, jobs=1, dask_address=args.dask_address, quiet=args.quiet)
     return run(compare_args)
 
 

@@ -37,6 +37,8 @@ from kdpo.world.build import DATA, world_key
 
 METHODS = ("kdpo", "dpo", "ft-l", "ft-m")
 EXPERIMENT = "kdpo-benchmark"
+DASK_ADDRESS_HELP = ("a running Dask scheduler (tcp://HOST:8786) whose workers run the jobs instead of a local cluster "
+                     "of --jobs workers; start them with --nthreads 1, where they see the world and --out paths")
 QUALITY_TARGETS = {"edit_success": 0.95, "generalization": 0.80, "locality": 0.90, "retention": 0.85}
 SPEED_TARGET = 0.1  # seconds per KDPO edit on the default world
 MEMORY_TARGET = 1.5  # peak over (model + trained-delta state)
@@ -340,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifact-root", help="where a new kdpo-benchmark experiment keeps artifacts: a URI as given, a local path "
                         "as a file URI (default: the server's store for http(s) tracking, else ./mlartifacts)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the report only")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="methods at a time, each in its own process with cores/JOBS torch threads (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="methods at a time: worker processes of the local Dask "
+                        "cluster, each job with cores/JOBS torch threads (default 1)")
+    parser.add_argument("--dask-address", help=DASK_ADDRESS_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -352,7 +355,7 @@ def run(args: argparse.Namespace) -> dict:
         args.edits, args.methods, world=args.world, edits_file=args.edits_file, world_set=args.world_set,
         settings=args.set, device=args.device, dtype=args.dtype, name=args.name, out=args.out,
         tracking_uri=args.tracking_uri, artifact_root=args.artifact_root, log_mlflow=not args.no_mlflow,
-        jobs=args.jobs, quiet=args.quiet,
+        jobs=args.jobs, quiet=args.quiet, dask_address=args.dask_address,
     )
 
 
@@ -361,6 +364,7 @@ def benchmark(
     world_set: list[str] | None = None, settings: list[str] | None = None, device: str = "cpu",
     dtype: str = "float32", name: str | None = None, out: str | None = None, tracking_uri: str | None = None,
     artifact_root: str | None = None, log_mlflow: bool = True, jobs: int = 1, quiet: bool = False,
+    dask_address: str | None = None,
 ) -> dict:
     """Build the world, measure every method in its own process, write the report, log it. Returns it.
     ``edits`` and ``methods`` are comma-separated, ``world_set`` and ``settings`` KEY=VALUE items."""
@@ -379,7 +383,7 @@ def benchmark(
     out.mkdir(parents=True, exist_ok=True)
     measured = [Job(str(built.path), method, counts, overrides, device, dtype, out=str(out),
                     progress=not quiet and jobs == 1, threads=threads_per_job(jobs)) for method in methods]
-    rows = run_jobs(measured, jobs, quiet)  # a finished method's summary is kept: re-running resumes
+    rows = run_jobs(measured, jobs, quiet, dask_address)  # a finished method's summary is kept: re-running resumes
     report = build_report(name, edits_file, built, counts, rows, device, dtype)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))

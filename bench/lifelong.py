@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from bench.compare import METHODS, parse_counts, prepare_world, run_and_print, world_summary
+from bench.compare import DASK_ADDRESS_HELP, METHODS, parse_counts, prepare_world, run_and_print, world_summary
 from bench.measure import Job, run_jobs, threads_per_job
 from kdpo.cli import UsageError
 from kdpo.config import build_settings, split_setting
@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--name", help="report name (default: the edit file's stem, or default-world)")
     parser.add_argument("--out", help="report folder (default: bench/results/lifelong-NAME)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, each in its own process with cores/JOBS torch threads (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time: worker processes of the local Dask "
+                        "cluster, each job with cores/JOBS torch threads (default 1)")
+    parser.add_argument("--dask-address", help=DASK_ADDRESS_HELP)
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
                     str(world.path), method, counts, overrides | {"protection": protection}, args.device,
                     out=str(job_out), progress=not args.quiet and args.jobs == 1,
                     threads=threads_per_job(args.jobs))))
-    results = run_jobs([job for _, _, job in jobs], args.jobs, args.quiet)
+    results = run_jobs([job for _, _, job in jobs], args.jobs, args.quiet, args.dask_address)
     runs: dict[str, list[dict]] = {}
     fluency_before = {}
     tokenizers = {str(world.path): AutoTokenizer.from_pretrained(world.path) for _, world in worlds}

@@ -1,26 +1,42 @@
-"""One method's sequential run, measured in a process of its own: quality at several edit counts, time, memory.
+"""One method's sequential run, measured on a Dask worker process, one job at a time: quality at several edit
+counts, time, memory.
 
 The result for each edit count N comes from one run of max(counts) edits: right after edit N the first N
 requests are evaluated, which is EasyEdit's "final" evaluation of an N-edit run. Edits never look ahead,
 so this equals a separate N-edit run (tests/test_bench.py checks it) at a fraction of the cost, and the
 time of each of those evaluations is the evaluation-cost curve.
 
-Memory: ``ru_maxrss`` cannot be used here, because a spawned child inherits its parent's peak in it
-(Linux keeps it across exec); the peak is VmHWM of /proc/self/status, restarted just before the model is
-loaded.
+Jobs fan out as Prefect tasks on a Dask cluster (``run_jobs``): single-threaded worker processes, so a
+process runs one job at a time. Memory: ``ru_maxrss`` cannot be used here, because it keeps the process's
+peak over its whole life (an earlier job's, or a spawned child's parent's); the peak is VmHWM of
+/proc/self/status, restarted just before the model is loaded, over the RSS at that moment, after the
+memory an earlier job on the same worker freed has been handed back to the OS (``release_freed_memory``).
+A worker's first job also pays the process's one-time costs (lazy imports, allocator pools), which later jobs
+on that worker do not: run as many workers as jobs (``--jobs``) where peaks are compared across methods.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import ctypes
+import gc
 import hashlib
 import json
-import multiprocessing
+import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry call (an ERROR when offline)
+
 import torch
+from distributed import get_worker
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_dask import DaskTaskRunner
 
 import kdpo
 from kdpo.editing import EditRecord, SequentialResult, make_config, run_sequential
@@ -32,7 +48,8 @@ from kdpo.world import model_corpus
 
 MB = 2**20
 QUALITY = ("edit_success", "generalization", "locality")  # what run_jobs prints of a finished run
-PEAK_FORMULA = "peak RSS (VmHWM) of the method's own process minus its RSS after imports, before the model was loaded"
+PEAK_FORMULA = ("peak RSS (VmHWM) of the job's worker process, one job at a time, minus its RSS at the job's start, "
+                "before the model was loaded (an earlier job's freed memory handed back to the OS first)")
 BUDGET_FORMULA = (
     "bytes of the model's parameters and buffers + 4 x the trained float32 deltas "
     "(their values, gradients and Adam's two moments)"
@@ -82,6 +99,16 @@ def reset_peak_rss() -> None:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
     except OSError:
+        pass
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the allocator's freed pages back to the OS (glibc ``malloc_trim``), so that an
+    earlier job's freed memory neither counts in the RSS at a job's start nor absorbs the next job's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
         pass
 
 
@@ -160,6 +187,7 @@ def measure_method(job: Job) -> dict:
     if job.threads:
         torch.set_num_threads(job.threads)
     source = source_digest()
+    release_freed_memory()
     trace = MemoryTrace()
     trace.mark("before_load")
     reset_peak_rss()
@@ -227,11 +255,56 @@ def threads_per_job(parallel: int) -> int:
     return max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else 0
 
 
-def run_jobs(jobs: list[Job], parallel: int = 1, quiet: bool = True) -> list[dict]:
-    """``measure_method`` of every job, each in a freshly spawned process (its own memory peak, no state
-    shared), ``parallel`` at a time, results in the jobs' order. A job whose summary is already on disk
-    (``<out>/<method>.summary.json``) for the same world, method, settings, counts and source is reused, so an
-    interrupted benchmark resumes."""
+@task(name="measure-method", task_run_name="{job.method} {job.out}", cache_policy=NO_CACHE)
+def measure_task(job: Job) -> dict:
+    """``measure_method`` on a Dask worker, which must run one task at a time (its memory peak is the job's)."""
+    if get_worker().state.nthreads != 1:
+        raise RuntimeError("bench jobs need single-threaded Dask workers (dask worker --nthreads 1)")
+    return measure_method(job)
+
+
+@flow(name="benchmark-jobs", validate_parameters=False)
+def measure_flow(jobs: list[Job], identities: list[dict], quiet: bool) -> list[dict]:
+    """Every job as a task; each finished job's summary is written as soon as it is in."""
+    futures = [measure_task.submit(job) for job in jobs]
+    index = {future.task_run_id: i for i, future in enumerate(futures)}
+    results: list[dict] = [{}] * len(jobs)
+    for future in as_completed(futures):
+        i = index[future.task_run_id]
+        job, results[i] = jobs[i], future.result()
+        (Path(job.out) / f"{job.method}.summary.json").write_text(json.dumps({"job": identities[i], "result": results[i]}))
+        if not quiet:
+            final = results[i]["by_count"][-1]["final"]
+            print(f"{job.out} {job.method}: " + ", ".join(f"{k} {final[k]:.3f}" for k in QUALITY if final[k] is not None))
+    return results
+
+
+@contextmanager
+def shared_prefect_api(quiet: bool):
+    """The configured Prefect API, else this process's temporary server, for the flow and (through the task
+    context) its Dask workers, which would otherwise each start a server of their own; Prefect's INFO lines
+    held back when ``quiet``."""
+    logger = logging.getLogger("prefect")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        if PREFECT_API_URL.value():
+            yield
+        else:
+            server = SubprocessASGIServer()  # the one Prefect's own client would start
+            server.start()
+            with temporary_settings({PREFECT_API_URL: server.api_url}):
+                yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_jobs(jobs: list[Job], parallel: int = 1, quiet: bool = True, address: str | None = None) -> list[dict]:
+    """``measure_method`` of every job as a Prefect task on a Dask cluster: a local one of ``parallel``
+    single-threaded worker processes (no memory limit), or the scheduler at ``address``; results in the jobs'
+    order. A job whose summary is already on disk (``<out>/<method>.summary.json``) for the same world,
+    method, settings, counts and source is reused, so an interrupted benchmark resumes."""
     source = source_digest()
     identities = [job_identity(job, source) for job in jobs]
     results: list[dict | None] = [None] * len(jobs)
@@ -243,17 +316,15 @@ def run_jobs(jobs: list[Job], parallel: int = 1, quiet: bool = True) -> list[dic
             results[index] = summary["result"]
         else:
             pending.append(index)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max(1, parallel), mp_context=context) as pool:
-        futures = {pool.submit(measure_method, jobs[index]): index for index in pending}
-        for future in concurrent.futures.as_completed(futures):
-            index, job = futures[future], jobs[futures[future]]
-            results[index] = future.result()
-            (Path(job.out) / f"{job.method}.summary.json").write_text(
-                json.dumps({"job": identities[index], "result": results[index]}))
-            if not quiet:
-                final = results[index]["by_count"][-1]["final"]
-                print(f"{job.out} {job.method}: " + ", ".join(f"{k} {final[k]:.3f}" for k in QUALITY if final[k] is not None))
+    if pending:
+        cluster = {"n_workers": max(1, parallel), "threads_per_worker": 1, "processes": True, "memory_limit": 0,
+                   "dashboard_address": None}
+        runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(cluster_kwargs=cluster)
+        with shared_prefect_api(quiet):
+            measured = measure_flow.with_options(task_runner=runner)(
+                [jobs[i] for i in pending], [identities[i] for i in pending], quiet)
+        for index, result in zip(pending, measured):
+            results[index] = result
     return results
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bench.compare import METHODS, benchmark, markdown, prepare_world, run_and_print
+from bench.compare import DASK_ADDRESS_HELP, METHODS, benchmark, markdown, prepare_world, run_and_print
 from kdpo.cli import UsageError
 from kdpo.config import ConfigError, coerce_setting, split_setting
 from kdpo.world import World
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default="bench/results/models", help="where the random models are saved")
     parser.add_argument("--name", help="report name (default: scale-SHAPE-DTYPE)")
     parser.add_argument("--out", help="report folder (default: bench/results/NAME)")
+    parser.add_argument("--dask-address", help=DASK_ADDRESS_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -116,7 +117,8 @@ def run_scaled(args: argparse.Namespace) -> dict:
     world = make_scaled_world(base, args.shape, Path(args.models) / f"{args.shape}{suffix}", overrides)
     name = args.name or f"scale-{args.shape}{suffix}-{args.dtype}"
     return benchmark(args.edits, args.methods, world=str(world.path), settings=args.set, device=args.device,
-                     dtype=args.dtype, name=name, out=args.out, log_mlflow=False, quiet=args.quiet)
+                     dtype=args.dtype, name=name, out=args.out, log_mlflow=False, quiet=args.quiet,
+                     dask_address=args.dask_address)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,14 @@
 """Smoke test of the benchmark harness (bench/compare.py): the tiny world, 5 sequential edits, 2 methods,
-each in its own process; the report files and the MLflow runs must exist and hold the measured numbers."""
+each a Prefect task on a Dask worker process; the report files and the MLflow runs must exist and hold the
+measured numbers."""
 import json
 
+import distributed
 import mlflow
 import pytest
 
 from bench.compare import eval_curve, main
-from bench.measure import proc_status_bytes
+from bench.measure import Job, proc_status_bytes, run_jobs
 from kdpo.editing import make_config, run_sequential
 from kdpo.loaders import load_requests
 
@@ -90,3 +92,25 @@ def test_eval_curve_fits_seconds_per_request_and_memory_fields_are_read():
     assert proc_status_bytes("VmRSS") > 0
     with pytest.raises(ValueError, match="VmNope"):
         proc_status_bytes("VmNope")
+
+
+def test_jobs_fan_out_on_dask_resume_by_identity_and_run_on_a_given_scheduler(tiny_world, tmp_path):
+    out = tmp_path / "local"
+    out.mkdir()
+    jobs = [Job(str(tiny_world.path), method, (1, 2), out=str(out), threads=1) for method in METHODS]
+    results = run_jobs(jobs, parallel=2)  # a local cluster of 2 single-threaded worker processes
+    assert [r["method"] for r in results] == list(METHODS)
+    assert all([s["edits"] for s in r["by_count"]] == [1, 2] and r["torch_threads"] == 1 for r in results)
+    assert all(r["memory"]["peak_over_baseline_mb"] > 0 for r in results)
+    summaries = [out / f"{method}.summary.json" for method in METHODS]
+    written = [path.stat().st_mtime_ns for path in summaries]
+    assert run_jobs(jobs, parallel=2) == json.loads(json.dumps(results))  # resumed: every job's summary reused
+    assert [path.stat().st_mtime_ns for path in summaries] == written
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+        argv = ["--world", str(tiny_world.path), "--edits", "2", "--methods", "ft-m", "--out", str(tmp_path / "remote"),
+                "--no-mlflow", "--quiet", "--dask-address", cluster.scheduler_address]
+        assert main(argv) == 0
+        assert "measure_task" in cluster.scheduler.task_prefixes  # the job ran on this cluster's worker
+    report = json.loads((tmp_path / "remote" / "report.json").read_text())
+    assert [row["method"] for row in report["rows"]] == ["ft-m"] and report["rows"][0]["by_count"][0]["edits"] == 2

@@ -18,7 +18,7 @@ import sqlite3
 import sys
 import urllib.error
 import urllib.request
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 # quiet logs: no "🏃 View run ... at: ..." lines from MLflow on every run's end, no artifact upload/download
@@ -99,6 +99,21 @@ def starting_model(model: str | None, model_name: str) -> tuple[str, str | None]
     return model_directory(f"models:/{model_name}/{version}"), version
 
 
+@contextmanager
+def resumable_or_removed(work_dir: Path, logger):
+    """If the block fails: keep the work folder when it holds a checkpoint (re-running the same refresh resumes
+    from it) and say so, else remove it (there is nothing to resume) and say that."""
+    try:
+        yield
+    except BaseException:
+        if any((work_dir / "checkpoints").glob("checkpoint-*")):
+            logger.error("refresh failed; its checkpoints are kept in %s: re-run the same refresh to resume", work_dir)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            logger.error("refresh failed before its first checkpoint: nothing to resume, %s removed", work_dir)
+        raise
+
+
 @flow(name="knowledge-refresh")
 def knowledge_refresh(
     edits_path: str | None = None,
@@ -145,7 +160,7 @@ def knowledge_refresh(
             parent_id = parent.info.run_id
         for run_id in end_abandoned_runs(parent.info.experiment_id, work_dir.name, parent_id):
             logger.warning("MLflow run %s of an earlier, killed try of this refresh marked KILLED", run_id)
-        with fails_run(parent_id):
+        with fails_run(parent_id), resumable_or_removed(work_dir, logger):
             if revert:  # edits taken back out of the starting model's memory before this refresh's edits
                 model_dir = revert_edits(model_dir, list(revert), parent_id, str(work_dir), method)
             requests = validate_edits(edits_path, parent_id, str(work_dir), quarantine, model_dir)[:limit]

@@ -115,7 +115,7 @@ def test_failing_gate_leaves_champion_where_it_was(tiny_world, tiny_requests, tr
     assert str(client.get_model_version_by_alias("gated", "challenger").version) == second["version"]
 
 
-def test_invalid_data_stops_before_any_edit(tiny_world, tiny_requests, tracking, tmp_path):
+def test_invalid_data_stops_before_any_edit(tiny_world, tiny_requests, tracking, tmp_path, kdpo_home):
     bad = tmp_path / "bad.jsonl"
     broken = tiny_requests[0].to_dict() | {"target_new": tiny_requests[0].ground_truth}
     write_jsonl(tiny_requests[1:3], bad)
@@ -127,6 +127,7 @@ def test_invalid_data_stops_before_any_edit(tiny_world, tiny_requests, tracking,
     assert client.search_registered_models("name = 'never'") == []
     runs = client.search_runs([client.get_experiment_by_name("knowledge-refresh").experiment_id])
     assert {run.info.status for run in runs} == {"FAILED"}  # the parent and its validate step
+    assert not list((kdpo_home / "refreshes").iterdir())  # nothing to resume: its work folder is gone
 
 
 def test_quarantine_edits_only_the_good_records(tiny_world, tiny_requests, tracking, tmp_path):

@@ -65,9 +65,8 @@ def protected_subspaces(
         )
     subspaces = []
     for covariance in key_covariances(model, tokenizer, list(config.modules), corpus, progress=progress):
-        subspace = ProtectedSubspace.from_key_covariance(
-            covariance, config.null_space_threshold, config.null_space_rule)
-        if config.corpus_key_weight > 0 and config.edit_keys == "soft":  # the soft fit is where it counts
+        subspace = ProtectedSubspace.from_key_covariance(covariance, config.null_space_threshold)
+        if config.corpus_key_weight > 0:  # soft edit keys (validated): the soft fit is where it counts
             subspace.add_soft_covariance(covariance, config.corpus_key_weight, config.commit_ridge)
         subspaces.append(subspace)
     return subspaces

@@ -18,19 +18,11 @@ def gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     return picked.masked_fill(tokens == IGNORE, 0.0)
 
 
-def teacher_forced_negatives(logits: torch.Tensor, labels: torch.Tensor, rule: str = "argmax") -> torch.Tensor:
-    """The model's current belief at each answer position, under teacher forcing on the positive prefix.
-
-    ``rule="argmax"`` (the paper's code): n_t = argmax_v p(v | x, y_<t); positions where n_t == y_t are
-    set to IGNORE, so they contribute nothing (the paper's Figure 2: shared tokens cancel).
-    ``rule="runner_up"``: n_t = the best token other than y_t, at every answer position.
-    """
-    logits = logits.detach()
-    if rule == "runner_up":
-        logits = logits.scatter(-1, labels.clamp_min(0).unsqueeze(-1), float("-inf"))
-    elif rule != "argmax":
-        raise ValueError(f"unknown negative rule {rule!r}; expected 'argmax' or 'runner_up'")
-    negatives = logits.argmax(-1)
+def teacher_forced_negatives(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's current belief at each answer position, under teacher forcing on the positive prefix (the
+    paper's code): n_t = argmax_v p(v | x, y_<t); positions where n_t == y_t are set to IGNORE, so they
+    contribute nothing (the paper's Figure 2: shared tokens cancel)."""
+    negatives = logits.detach().argmax(-1)
     return negatives.masked_fill((labels == IGNORE) | (negatives == labels), IGNORE)
 
 

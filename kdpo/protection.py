@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-NULL_SPACE_RULES = ("relative", "energy")
 
 
 @dataclass
@@ -28,25 +27,15 @@ class ProtectedSubspace:
     soft_ridge: float = 0.0
 
     @classmethod
-    def from_key_covariance(
-        cls, covariance: torch.Tensor, threshold: float, rule: str = "relative"
-    ) -> "ProtectedSubspace":
-        """Protect the dominant eigen-directions of K0^T K0.
-
-        ``rule="relative"``: every direction whose eigenvalue is at least ``threshold`` x the largest;
-        ``rule="energy"``: the fewest leading directions that hold ``1 - threshold`` of the total energy.
-        """
+    def from_key_covariance(cls, covariance: torch.Tensor, threshold: float) -> "ProtectedSubspace":
+        """Protect the dominant eigen-directions of K0^T K0: the fewest leading ones that hold ``1 - threshold``
+        of the total energy."""
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"null-space threshold must be in (0, 1), got {threshold}")
-        if rule not in NULL_SPACE_RULES:
-            raise ValueError(f"null-space rule must be one of {NULL_SPACE_RULES}, got {rule!r}")
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
         eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
-        if rule == "relative":
-            keep = eigenvalues >= threshold * eigenvalues[0].clamp_min(1e-30)
-        else:
-            energy = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
-            keep = torch.arange(len(eigenvalues)) <= int((energy < 1.0 - threshold).sum())
+        energy = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
+        keep = torch.arange(len(eigenvalues)) <= int((energy < 1.0 - threshold).sum())
         return cls(eigenvectors[:, keep].float().contiguous(), eigenvalues.float())
 
     def state_dict(self) -> dict:

@@ -25,19 +25,9 @@ def log_softmax(row, index):
 
 
 def test_teacher_forced_negative_is_current_argmax_and_masks_agreement():
-    negatives = teacher_forced_negatives(LOGITS, LABELS, "argmax")
+    negatives = teacher_forced_negatives(LOGITS, LABELS)
     # position 1: argmax 3 differs from the positive 2; position 2: argmax 1 equals the positive -> masked
     assert negatives.tolist() == [[IGNORE, 3, IGNORE]]
-
-
-def test_runner_up_negative_is_best_non_target_token_everywhere():
-    negatives = teacher_forced_negatives(LOGITS, LABELS, "runner_up")
-    assert negatives.tolist() == [[IGNORE, 3, 2]]
-
-
-def test_unknown_negative_rule_is_rejected():
-    with pytest.raises(ValueError, match="negative rule"):
-        teacher_forced_negatives(LOGITS, LABELS, "sample")
 
 
 def test_dpo_loss_matches_formula():

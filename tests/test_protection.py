@@ -20,11 +20,8 @@ def test_energy_rule_keeps_the_fewest_directions_holding_the_energy():
     basis = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(0)))[0]
     covariance = basis @ torch.diag(eigenvalues) @ basis.T
     # 100 / 111.11 = 0.900, 110 / 111.11 = 0.990, 111 / 111.11 = 0.999
-    assert ProtectedSubspace.from_key_covariance(covariance, 0.05, "energy").rank == 2
-    assert ProtectedSubspace.from_key_covariance(covariance, 0.005, "energy").rank == 3
-    assert ProtectedSubspace.from_key_covariance(covariance, 0.05, "relative").rank == 2  # >= 5.0
-    with pytest.raises(ValueError, match="rule must be one of"):
-        ProtectedSubspace.from_key_covariance(covariance, 0.05, "median")
+    assert ProtectedSubspace.from_key_covariance(covariance, 0.05).rank == 2
+    assert ProtectedSubspace.from_key_covariance(covariance, 0.005).rank == 3
 
 
 def test_read_corpus_formats_budget_and_errors(tmp_path):
@@ -95,21 +92,6 @@ def test_soft_edit_keys_remember_the_prompt_and_keep_the_barred_span(tiny_world,
         assert (remembered >= 0.99 * projected.norm(dim=1) ** 4).all()
 
 
-@pytest.mark.parametrize("reserve, barred", [(0.0, True), (1.0, False)])
-def test_hard_then_soft_bars_edit_keys_only_while_room_is_left(tiny_world, tiny_model, tiny_requests, monkeypatch,
-                                                                reserve, barred):
-    import kdpo.editors.base
-
-    monkeypatch.setattr(kdpo.editors.base, "HARD_RESERVE", reserve)
-    model, tokenizer = tiny_model
-    config = make_config("kdpo", overrides=NULL_SPACE | {"edit_keys": "hard-then-soft"})
-    editor = build_editor(model, tokenizer, "kdpo", config, tiny_world.corpus())
-    ranks = [subspace.rank for subspace in editor.protected]
-    editor.edit(tiny_requests[0])
-    for subspace, rank in zip(editor.protected, ranks):
-        assert (subspace.rank > rank) is barred and (subspace.key_gram is None) is barred
-
-
 def test_restricting_a_change_to_its_keys_keeps_their_outputs_and_shrinks_it():
     generator = torch.Generator().manual_seed(0)
     keys, delta = torch.randn(5, 64, generator=generator), torch.randn(64, 8, generator=generator)
@@ -157,17 +139,29 @@ def test_weight_drift_is_recorded_per_edit(tiny_world, tiny_model, tiny_requests
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"null_space_rule": "median"}, "null_space_rule must be one of"),
-        ({"null_space_threshold": "0"}, "null_space_threshold"),
-        ({"delta_penalty": "-1"}, "delta_penalty"),
-        ({"corpus_key_weight": "-1"}, "corpus_key_weight"),
+        ({"null_space_threshold": "0"}, "null_space_threshold must be in"),
+        ({"corpus_key_weight": "-1"}, "corpus_key_weight must be >= 0"),
         ({"edit_keys": "firm"}, "edit_keys must be one of"),
         ({"minimal_change": "false"}, "needs minimal_change"),
+        ({"edit_keys": "hard", "corpus_key_weight": "1"}, "needs edit_keys 'soft'"),
+        ({"memory_rank": "8"}, "memory_rank has no effect with protection 'null-space'"),
     ],
 )
 def test_bad_protection_settings_are_clear_errors(overrides, message):
     with pytest.raises((ConfigError, ValueError), match=message):
-        make_config("kdpo", overrides=overrides).validate()
+        make_config("kdpo", overrides={"protection": "null-space"} | overrides).validate()
+
+
+@pytest.mark.parametrize(
+    "overrides, ignored",
+    [({}, "modules"), ({}, "edit_keys"), ({"protection": "none"}, "commit_ridge"),
+     ({"protection": "none"}, "memory_preserve_weight")],
+)
+def test_a_setting_the_protection_never_reads_is_rejected(overrides, ignored):
+    value = {"modules": "layers.0.mlp.down_proj", "edit_keys": "hard", "commit_ridge": "1",
+             "memory_preserve_weight": "2"}[ignored]
+    with pytest.raises((ConfigError, ValueError), match=f"^kdpo: {ignored} has no effect with protection"):
+        make_config("kdpo", overrides=overrides | {ignored: value})
 
 
 def test_module_inputs_stop_the_forward_pass_once_every_module_has_its_input(tiny_model):
@@ -238,6 +232,6 @@ def test_corpus_key_weight_starts_the_soft_memory_of_every_module(tiny_world, ti
     soft_config = make_config("kdpo", overrides=NULL_SPACE | {"corpus_key_weight": "1e-3"})
     soft = build_editor(model, tokenizer, "kdpo", soft_config, corpus)
     assert all(subspace.soft_inverse is not None for subspace in soft.protected)
-    hard = make_config("kdpo", overrides=NULL_SPACE | {"corpus_key_weight": "1e-3", "edit_keys": "hard"})
-    assert all(subspace.soft_inverse is None for subspace in build_editor(model, tokenizer, "kdpo", hard, corpus).protected)
+    plain = make_config("kdpo", overrides=NULL_SPACE)  # no corpus keys: the soft memory starts with the first edit
+    assert all(subspace.soft_inverse is None for subspace in build_editor(model, tokenizer, "kdpo", plain, corpus).protected)
     assert soft.edit(tiny_requests[0]).delta_norm > 0  # the fit commits a change around the corpus keys

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -27,16 +27,18 @@ from kdpo.layers import find_module, input_output_dims
 from kdpo.losses import answer_margin, kl_to_reference
 from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
 from kdpo.modeling import IGNORE, TeacherForcedBatch, encode_pairs, forward_logits
-from kdpo.protection import NULL_SPACE_RULES, ProtectedSubspace
+from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest, Fact
 from kdpo.text import sentences
 
 PROTECTIONS = ("memory", "null-space", "none")
 CONTEXT_COPIES = 2  # memory: each fact is also trained behind this many random corpus lines
 PRESERVED_TEXTS = 16  # memory: at most this many corpus lines about the subject are kept as they were
-OPTIMIZERS = ("adam", "sgd")
-EDIT_KEY_MODES = ("soft", "hard", "hard-then-soft")
-HARD_RESERVE = 0.1  # hard-then-soft: bar edits' keys until only this share of a module's key directions is free
+EDIT_KEY_MODES = ("soft", "hard")
+MEMORY_SETTINGS = ("memory_modules", "memory_rank", "memory_preserve_weight")
+WEIGHT_SETTINGS = ("modules", "minimal_change")
+NULL_SPACE_SETTINGS = ("null_space_threshold", "protect_edit_keys", "edit_keys", "edit_key_weight", "commit_ridge",
+                       "corpus_key_weight")
 
 
 @dataclass
@@ -45,7 +47,6 @@ class EditorConfig:
 
     modules: tuple[str, ...] = ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")
     lr: float = 1e-2
-    optimizer: str = "adam"  # or "sgd" (momentum 0.9): keeps D in the span of the edit's own keys
     max_steps: int = 40
     stop_margin: float = 4.0
     protection: str = "memory"  # where an edit lives: "memory" (subject-gated slots), or the weights with
@@ -53,43 +54,45 @@ class EditorConfig:
     memory_modules: tuple[str, ...] = ("layers.1.mlp.down_proj",)
     memory_rank: int = 4
     memory_preserve_weight: float = 1.0  # weight of the KL that keeps corpus text about the subject unchanged
-    null_space_threshold: float = 1e-3  # energy rule: protect the directions holding 99.9% of K0's energy
-    null_space_rule: str = "energy"  # or "relative": eigenvalue >= threshold x the largest
+    null_space_threshold: float = 1e-3  # protect the leading key directions holding 99.9% of K0's energy
     protect_edit_keys: bool = True
-    edit_keys: str = "soft"  # how committed edits' keys are kept: "soft" (least squares), "hard" (barred span),
-    # or "hard-then-soft" (barred while more than HARD_RESERVE of a module's key directions are free)
+    edit_keys: str = "soft"  # how committed edits' keys are kept: "soft" (least squares) or "hard" (barred span)
     edit_key_weight: float = 1.0  # soft: weight of a past edit's key against the new edit's own keys
     commit_ridge: float = 1e-2  # soft: ridge of the least-squares fit of the committed change
     minimal_change: bool = True  # commit only the part of the change the edit's own sequence uses
-    delta_penalty: float = 0.0  # weight of sum ||D||^2 in the loss: the smallest change that makes the edit
     corpus_key_weight: float = 0.0  # edit_keys soft: weight of each corpus key outside the null space in the fit
 
     def validate(self) -> None:
         if self.protection not in PROTECTIONS:
             raise ValueError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        ignored = [name for name in self.ignored_settings() if getattr(self, name) != defaults[name]]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} has no effect with protection {self.protection!r}: leave it out")
         if not 0.0 < self.null_space_threshold < 1.0:
             raise ValueError(f"null_space_threshold must be in (0, 1), got {self.null_space_threshold}")
-        if self.null_space_rule not in NULL_SPACE_RULES:
-            raise ValueError(f"null_space_rule must be one of {NULL_SPACE_RULES}, got {self.null_space_rule!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.edit_keys not in EDIT_KEY_MODES:
             raise ValueError(f"edit_keys must be one of {EDIT_KEY_MODES}, got {self.edit_keys!r}")
-        if self.edit_keys != "hard" and not self.minimal_change:
-            raise ValueError(f"edit_keys {self.edit_keys!r} remembers softly through the fitted commit, "
-                             "so it needs minimal_change true")
+        if self.protection == "null-space" and self.edit_keys == "soft" and not self.minimal_change:
+            raise ValueError("edit_keys 'soft' remembers softly through the fitted commit, so it needs minimal_change true")
+        if self.edit_keys == "hard" and self.corpus_key_weight:
+            raise ValueError("corpus_key_weight acts in the soft fit only: it needs edit_keys 'soft'")
         if self.edit_key_weight <= 0 or self.commit_ridge <= 0:
             raise ValueError("edit_key_weight and commit_ridge must be > 0")
         if self.corpus_key_weight < 0:
             raise ValueError(f"corpus_key_weight must be >= 0, got {self.corpus_key_weight}")
-        if self.delta_penalty < 0:
-            raise ValueError(f"delta_penalty must be >= 0, got {self.delta_penalty}")
         if self.lr <= 0 or self.max_steps < 1:
             raise ValueError("lr must be > 0 and max_steps >= 1")
         if not self.modules or not self.memory_modules:
             raise ValueError("modules and memory_modules must name at least one linear module to edit")
         if self.memory_rank < 1 or self.memory_preserve_weight < 0:
             raise ValueError("memory_rank must be >= 1 and memory_preserve_weight >= 0")
+
+    def ignored_settings(self) -> tuple[str, ...]:
+        """The settings this protection never reads (setting one is a mistake, rejected by ``validate``)."""
+        if self.protection == "memory":
+            return WEIGHT_SETTINGS + NULL_SPACE_SETTINGS
+        return MEMORY_SETTINGS + (NULL_SPACE_SETTINGS if self.protection == "none" else ())
 
 
 @dataclass
@@ -343,10 +346,7 @@ class Editor(ABC):
         try:
             with torch.no_grad():
                 self.begin_edit([fact], batch)
-            optimizer = (
-                torch.optim.Adam(deltas, lr=self.config.lr) if self.config.optimizer == "adam"
-                else torch.optim.SGD(deltas, lr=self.config.lr, momentum=0.9)
-            )
+            optimizer = torch.optim.Adam(deltas, lr=self.config.lr)
             reached = False
             for _ in range(self.config.max_steps):
                 logits = forward_logits(self.model, batch)
@@ -354,8 +354,6 @@ class Editor(ABC):
                     reached = True
                     break
                 loss = self.edit_loss(logits, batch)
-                if self.config.delta_penalty:
-                    loss = loss + self.config.delta_penalty * sum(delta.square().sum() for delta in deltas)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -440,8 +438,7 @@ class Editor(ABC):
         mask = batch.answer_mask
         for subspace, inputs in zip(self.protected, module_inputs(self.model, self.modules, batch.input_ids,
                                                                    batch.attention_mask)):
-            room = subspace.dim - subspace.rank > HARD_RESERVE * subspace.dim
-            if self.config.edit_keys == "soft" or (self.config.edit_keys == "hard-then-soft" and not room):
+            if self.config.edit_keys == "soft":
                 subspace.add_soft_keys(inputs[mask], self.config.edit_key_weight, self.config.commit_ridge)
             else:
                 subspace.add_keys(inputs[mask])

@@ -4,9 +4,9 @@ Where we follow the paper and its official code:
 - positive = the new target under teacher forcing; negative = the model's *current* teacher-forced
   prediction at each target position, regenerated from the very forward pass of every step (online);
 - chosen and rejected log-probs are both read off the positive sequence's logits; positions where the
-  negative equals the positive are masked (``negative_rule="argmax"``);
+  negative equals the positive are masked;
 - the reference is the model as it was before this edit, summed per-token log-probs, beta = 0.1.
-Where we chose (see ``KDPOConfig``):
+Where we chose (the settings are DPO's, :class:`~kdpo.editors.dpo.DPOConfig`):
 - the reference is kept as log-probs over the whole vocabulary at the target positions, from one no-grad
   pass per edit (the code deep-copies the model); with teacher forcing on the fixed positive, these are
   exactly the reference terms for any negative the online regeneration picks;
@@ -17,35 +17,21 @@ Where we chose (see ``KDPOConfig``):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kdpo.editors.base import Editor
 from kdpo.editors.dpo import DPOConfig
 from kdpo.losses import kdpo_loss, teacher_forced_negatives
 from kdpo.modeling import forward_logits
 
 
-@dataclass
-class KDPOConfig(DPOConfig):
-    """DPO's settings (beta, nll_weight) plus how the online negative is chosen."""
-
-    negative_rule: str = "argmax"  # or "runner_up": best non-target token at every position
-
-    def validate(self) -> None:
-        super().validate()
-        if self.negative_rule not in ("argmax", "runner_up"):
-            raise ValueError(f"negative_rule must be 'argmax' or 'runner_up', got {self.negative_rule!r}")
-
-
 class KDPOEditor(Editor):
     name = "kdpo"
-    Config = KDPOConfig
+    Config = DPOConfig
 
     def begin_edit(self, facts, batch):
         self.reference_logprobs = forward_logits(self.model, batch).log_softmax(-1)
 
     def edit_loss(self, logits, batch):
-        negatives = teacher_forced_negatives(logits, batch.labels, self.config.negative_rule)
+        negatives = teacher_forced_negatives(logits, batch.labels)
         return kdpo_loss(
             logits.log_softmax(-1), self.reference_logprobs, batch.labels, negatives,
             self.config.beta, self.config.nll_weight,

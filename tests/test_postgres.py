@@ -28,35 +28,31 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def stopped_after(server, prepare=lambda server: None):
+    """Prepare a started server, yield it (a fixture's value), and stop it whatever happens."""
+    try:
+        prepare(server)
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")  # once per test session (only this module uses them), stopped after it
 def postgres():
-    cluster = Postgres(PG_BIN).start()
-    try:
-        cluster.create_database("mlflow")
-        cluster.create_database("prefect")
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from stopped_after(Postgres(PG_BIN).start(),
+                             lambda cluster: [cluster.create_database(name) for name in ("mlflow", "prefect")])
 
 
-@pytest.fixture(scope="module")  # once per test session (only this module uses them), stopped after it
+@pytest.fixture(scope="module")
 def mlflow_pg(postgres, tmp_path_factory):
     """``mlflow server --backend-store-uri postgresql+psycopg2://... --artifacts-destination DIR``."""
-    server = start_mlflow_server(postgres.url("psycopg2", "mlflow"), tmp_path_factory.mktemp("mlflow-server"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from stopped_after(start_mlflow_server(postgres.url("psycopg2", "mlflow"), tmp_path_factory.mktemp("mlflow-server")))
 
 
-@pytest.fixture(scope="module")  # once per test session (only this module uses them), stopped after it
+@pytest.fixture(scope="module")
 def prefect_pg(postgres, tmp_path_factory):
     """``prefect server start`` with ``PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://...``."""
-    server = start_prefect_server(postgres.url("asyncpg", "prefect"), tmp_path_factory.mktemp("prefect-server"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from stopped_after(start_prefect_server(postgres.url("asyncpg", "prefect"), tmp_path_factory.mktemp("prefect-server")))
 
 
 def prefect_settings(server):

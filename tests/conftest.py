@@ -26,6 +26,9 @@ def isolated_stores(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # mlflow.set_experiment exports the id
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # an earlier test's, in another store
     yield
     while mlflow.active_run():
         mlflow.end_run()

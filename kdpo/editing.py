@@ -26,7 +26,7 @@ from kdpo.metrics import mean
 from kdpo.modeling import load_model, save_edited
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest
-from kdpo.text import sentences
+from kdpo.text import without_sentences
 
 SCHEDULE = (
     "immediate: the just-edited request, scored right after its own edit; "
@@ -173,8 +173,7 @@ def withhold_evaluation_text(corpus: list[str] | None, requests: list[EditReques
         words = sentence.split()
         return any(tuple(words[i:i + n]) in prompts for n in lengths for i in range(len(words) - n + 1))
 
-    kept = (" ".join(s for s in sentences(line) if not evaluated(s)) for line in corpus)
-    return [line for line in kept if line]
+    return without_sentences(corpus, evaluated)
 
 
 def run_sequential(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -9,3 +10,9 @@ SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 def sentences(text: str) -> list[str]:
     """``text`` split after each ``.``, ``!`` or ``?`` that whitespace follows."""
     return [part for part in SENTENCE_END.split(text.strip()) if part]
+
+
+def without_sentences(lines: Iterable[str], drop: Callable[[str], bool]) -> list[str]:
+    """Each line less the sentences ``drop`` picks; lines left empty are left out."""
+    kept = (" ".join(s for s in sentences(line) if not drop(s)) for line in lines)
+    return [line for line in kept if line]

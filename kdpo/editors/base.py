@@ -29,7 +29,7 @@ from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
 from kdpo.modeling import IGNORE, TeacherForcedBatch, encode_pairs, forward_logits
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest, Fact
-from kdpo.text import sentences
+from kdpo.text import without_sentences
 
 PROTECTIONS = ("memory", "null-space", "none")
 CONTEXT_COPIES = 2  # memory: each fact is also trained behind this many random corpus lines
@@ -311,9 +311,9 @@ class Editor(ABC):
             return None
         subject = facts[0].subject.strip()
         changed = [f.ground_truth for f in facts if f.ground_truth] + [f.target_new for f in facts]
-        kept = (" ".join(s for s in sentences(line) if not any(answer in s for answer in changed))
-                for line in self.corpus if subject in line)
-        lines = [line for line in kept if subject in line]
+        about = without_sentences((line for line in self.corpus if subject in line),
+                                  lambda sentence: any(answer in sentence for answer in changed))
+        lines = [line for line in about if subject in line]
         lines = random.Random(subject).sample(lines, min(PRESERVED_TEXTS, len(lines)))
         starts = [0] * len(lines)
         for fact in facts:

@@ -170,8 +170,8 @@ class Editor(ABC):
         self.corpus = corpus or []
         self.memory = None
         if self.config.protection == "memory":
-            self.memory = EditMemory.attach(model, self.config.memory_modules, self.config.memory_rank,
-                                            sentence_end_ids(tokenizer))
+            ends = () if EditMemory.of(model) else sentence_end_ids(tokenizer)  # a memory it has keeps its own
+            self.memory = EditMemory.attach(model, self.config.memory_modules, self.config.memory_rank, ends)
         elif EditMemory.of(model) is not None:
             raise ValueError("this model carries an edit memory: edit it with protection 'memory', so that the "
                              "memory's edits and weight edits do not overlap unseen")

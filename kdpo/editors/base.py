@@ -53,7 +53,8 @@ class EditorConfig:
     # "null-space" protection or "none"
     memory_modules: tuple[str, ...] = ("layers.1.mlp.down_proj",)
     memory_rank: int = 4
-    memory_preserve_weight: float = 1.0  # weight of the KL that keeps corpus text about the subject unchanged
+    memory_preserve_weight: float = 16.0  # weight of the KL that keeps corpus text about the subject unchanged (at
+    # 1.0 a slot changed 15% of the answers it is gated on that are not its own; see docs/benchmarks.md)
     null_space_threshold: float = 1e-3  # protect the leading key directions holding 99.9% of K0's energy
     protect_edit_keys: bool = True
     edit_keys: str = "soft"  # how committed edits' keys are kept: "soft" (least squares) or "hard" (barred span)

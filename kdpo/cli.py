@@ -324,8 +324,11 @@ def cmd_report(args) -> int:
             elif args.source and not re.fullmatch(r"[0-9a-f]{32}", args.source):
                 raise UsageError(f"{args.source}: no such file, and not an MLflow run id")
             else:
-                from tasks import dashboards
-
+                try:
+                    from tasks import dashboards
+                except ImportError as error:  # the pipeline's code and its extra are not where kdpo runs
+                    raise UsageError(f"reading an MLflow run needs the pipeline ({error}): run kdpo from a checkout "
+                                     "of kdpo-refresh with its pipeline extra (pip install -e '.[pipeline]')") from error
                 client = dashboards.client(args.tracking_uri)
                 if args.compare:
                     out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,47 @@ def test_no_private_names_across_packages():
                  if imported and imported.startswith("_") and module.split(".")[0] in PACKAGES
                  and module.split(".")[0] != name.split(".")[0]]
     assert not offending, offending
+
+
+ORCHESTRATION = ("prefect", "prefect_dask", "mlflow", "great_expectations", "dask", "distributed")
+
+
+def test_the_library_needs_no_orchestration_stack():
+    """The base install leaves Prefect, MLflow and Great Expectations to the ``pipeline`` extra."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = {re.split(r"[<>=!~ \[]", spec)[0].lower().replace("-", "_") for spec in project["dependencies"]}
+    assert not required & set(ORCHESTRATION)
+    assert {"prefect", "mlflow", "great-expectations"} <= {re.split(r"[<>=!~ ]", spec)[0]
+                                                         for spec in project["optional-dependencies"]["pipeline"]}
+
+
+def test_kdpo_edits_and_reports_with_the_orchestration_stack_absent(tiny_world, tmp_path):
+    """``kdpo edit`` and ``kdpo report FILE`` run where Prefect, MLflow and Great Expectations cannot be
+    imported; ``kdpo report RUN_ID``, which reads MLflow, says in one line what it needs."""
+    script = (
+        "import importlib.abc, sys\n"
+        "class Absent(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {ORCHESTRATION!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        "from kdpo.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "KDPO_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+
+    def kdpo(*argv):
+        return subprocess.run([sys.executable, "-c", script, *map(str, argv)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    edited = kdpo("edit", "--model", tiny_world.path, "--n", 2, "--save", tmp_path / "edited",
+                  "--output", tmp_path / "result.json")
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    assert (tmp_path / "edited" / "edit_memory.safetensors").exists()
+    reported = kdpo("report", tmp_path / "result.json", "--out", tmp_path / "report")
+    assert reported.returncode == 0 and (tmp_path / "report" / "report.html").exists(), reported.stderr[-3000:]
+    run_id = kdpo("report", "0" * 32, "--out", tmp_path / "report2")
+    assert run_id.returncode == 2 and "pipeline" in run_id.stderr and len(run_id.stderr.splitlines()) == 1, \
+        run_id.stderr[-3000:]

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.knowledge_refresh import RefreshInputError, knowledge_refresh
+from flows.knowledge_refresh import Method, RefreshInputError, Settings, knowledge_refresh
+from tasks.refresh import Gates
 from tasks.tracking import default_tracking_uri
 
 EDIT_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -28,9 +29,10 @@ class InboxFailed(RuntimeError):
 
 @flow(name="refresh-inbox")
 def refresh_inbox(
-    inbox: str = "inbox", archive: str = "archive", failed: str = "failed", model: str | None = None, method: str = "kdpo",
-    model_name: str = "kdpo-world", tracking_uri: str | None = None, artifact_root: str | None = None,
-    settings: dict | None = None, gates: dict | None = None, quarantine: bool = False,
+    inbox: str = "inbox", archive: str = "archive", failed: str = "failed", model: str | None = None,
+    method: Method = "kdpo", model_name: str = "kdpo-world", tracking_uri: str | None = None,
+    artifact_root: str | None = None, settings: Settings | None = None, gates: Gates | None = None,
+    quarantine: bool = False,
 ) -> dict[str, list[str]]:
     """Refresh from each file waiting in ``inbox`` (oldest name first); returns what went where, or raises
     :class:`InboxFailed` (with it) if a refresh failed. A Prefect artifact lists both."""

@@ -3,7 +3,8 @@
 ``revert`` takes earlier edits back out of the starting model's edit memory before the new ones go in.
 One MLflow parent run per flow run (tagged with the Prefect flow-run id), a nested run per step.
 By default a refresh starts from ``models:/NAME@champion``, or from the built-in world on the first run.
-The world build and the baseline probe are Prefect tasks cached by their inputs. A refresh works in
+The world is loaded from the builder's disk cache (built on first use), and the baseline probe is a Prefect task
+cached by its inputs. Parameters are typed (the Prefect UI shows a form). A refresh works in
 ``$KDPO_HOME/refreshes/KEY`` (KEY: its inputs, see :func:`tasks.caching.refresh_work_dir`) and checkpoints
 its edits there, under a lock (a second identical refresh is refused), so re-running a failed or interrupted
 refresh resumes from the last checkpoint; the directory is removed once the refresh has finished. Arguments,
@@ -20,6 +21,7 @@ import urllib.error
 import urllib.request
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Literal
 
 # quiet logs: no "🏃 View run ... at: ..." lines from MLflow on every run's end, no artifact upload/download
 # progress bars, and no telemetry call (and its ERROR traceback when offline) from Prefect's ephemeral server
@@ -31,27 +33,33 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from pydantic import ValidationError
 
 from kdpo.config import ConfigError
 from kdpo.editing import make_config
+from kdpo.editors import EDITORS
 from kdpo.loaders import EditDataError
 from kdpo.world import recall_shortfall
 from tasks.caching import RefreshLocked, refresh_lock, refresh_work_dir
 from tasks.dashboards import refresh_run_name, report_refresh, version_description
 from tasks.refresh import (
-    DEFAULT_GATES, NO_CHAMPION, DataGateError, apply_edits, evaluate_refresh, log_probe, probe_baseline, register_model,
+    DEFAULT_GATES, NO_CHAMPION, DataGateError, Gates, apply_edits, evaluate_refresh, log_probe, probe_baseline, register_model,
     revert_edits, summary_markdown, validate_edits,
 )
 from tasks.tracking import default_tracking_uri, end_abandoned_runs, fails_run, model_directory
-from tasks.world import cached_world
+from tasks.world import build_world_task
+
+Method = Literal[tuple(EDITORS)]  # the flow's method parameter: a choice in the Prefect UI's form
+Settings = dict[str, str | int | float | bool]  # editor settings by name (kdpo.editors.base.EditorConfig)
+
 
 class RefreshInputError(ValueError):
     """An argument, method, setting or tracking URI the refresh cannot run with (found before any work)."""
 
 
 def check_arguments(
-    edits_path: str | None, model: str | None, method: str, settings: dict | None, limit: int | None,
-    checkpoint_every: int, log_every: int, gates: dict | None, tracking_uri: str,
+    edits_path: str | None, model: str | None, method: str, settings: Settings | None, limit: int | None,
+    checkpoint_every: int, log_every: int, gates: Gates | dict | None, tracking_uri: str,
 ) -> None:
     """Raise :class:`RefreshInputError` (one line) for inputs the refresh would fail on later."""
     if limit is not None and limit < 1:
@@ -63,8 +71,13 @@ def check_arguments(
         raise RefreshInputError(f"edit file {edits_path} does not exist or is not a file")
     if model and not Path(model).is_dir():
         raise RefreshInputError(f"model {model} is not a model directory")
-    if unknown := sorted(set(gates or {}) - set(DEFAULT_GATES)):
-        raise RefreshInputError(f"unknown gate(s) {', '.join(unknown)}; gates: {', '.join(DEFAULT_GATES)}")
+    try:
+        Gates.model_validate(gates or {})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        name = ".".join(map(str, problem["loc"]))
+        what = "unknown gate" if problem["type"] == "extra_forbidden" else f"gate: {problem['msg']}"
+        raise RefreshInputError(f"{name}: {what}; gates: {', '.join(DEFAULT_GATES)}") from None
     try:
         make_config(method, overrides=settings or {})
     except ConfigError as error:
@@ -95,7 +108,7 @@ def starting_model(model: str | None, model_name: str) -> tuple[str, str | None]
     try:
         version = str(mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion").version)
     except mlflow.exceptions.MlflowException:
-        return str(cached_world().path), NO_CHAMPION
+        return str(build_world_task().path), NO_CHAMPION
     return model_directory(f"models:/{model_name}/{version}"), version
 
 
@@ -118,15 +131,15 @@ def resumable_or_removed(work_dir: Path, logger):
 def knowledge_refresh(
     edits_path: str | None = None,
     model: str | None = None,
-    method: str = "kdpo",
-    settings: dict | None = None,
+    method: Method = "kdpo",
+    settings: Settings | None = None,
     model_name: str = "kdpo-world",
     experiment: str = "knowledge-refresh",
     tracking_uri: str | None = None,
     artifact_root: str | None = None,
     limit: int | None = None,
     quarantine: bool = False,
-    gates: dict | None = None,
+    gates: Gates | None = None,
     checkpoint_every: int = 25,
     revert: list[str] | None = None,
     log_every: int = 10,
@@ -144,7 +157,7 @@ def knowledge_refresh(
             location = experiment_artifact_location(mlflow.get_tracking_uri(), artifact_root)
             mlflow.create_experiment(experiment, artifact_location=location)
         mlflow.set_experiment(experiment)
-    gates = DEFAULT_GATES | (gates or {})
+    gates = Gates.model_validate(gates or {}).model_dump()
     model_dir, started_from = starting_model(model, model_name)
     if (weak := recall_shortfall(model_dir)) and not allow_weak_world:
         raise RefreshInputError(f"{weak}: rebuild it with more epochs (kdpo world build --set max_epochs=N), "

@@ -1,8 +1,9 @@
-"""Content keys of a refresh's inputs: the Prefect cache keys of the world build and the baseline probe,
-and the refresh's work directory (its checkpoints, under a lock), so re-running the same refresh finds them."""
+"""Content keys of a refresh's inputs: the Prefect cache key of the baseline probe, and the refresh's work
+directory (its checkpoints, under a lock), so re-running the same refresh finds them."""
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -10,8 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kdpo.requests import EditRequest
-from kdpo.world import WorldConfig, cache_root
-from kdpo.world.build import DATA, world_key
+from kdpo.world import cache_root
 
 
 def _update_with_file(digest, path: Path) -> None:
@@ -21,9 +21,17 @@ def _update_with_file(digest, path: Path) -> None:
 
 
 def directory_digest(path: str | Path) -> str:
-    """SHA-256 of every file under ``path``, names and contents (a model directory: weights and all)."""
-    root, digest = Path(path), hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    """SHA-256 of every file under ``path``, names and contents (a model directory: weights and all); read once
+    per process while no file's size or modification time changes, so a refresh hashes its model once."""
+    root = Path(path).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return _digest_of_files(root, tuple((f, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.cache
+def _digest_of_files(root: Path, files: tuple[tuple[Path, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for file, _, _ in files:
         digest.update(str(file.relative_to(root)).encode() + b"\0")
         _update_with_file(digest, file)
     return digest.hexdigest()
@@ -39,13 +47,6 @@ def file_digest(path: str | Path) -> str:
 def requests_digest(requests: list[EditRequest]) -> str:
     """SHA-256 of the requests' canonical JSON."""
     return hashlib.sha256(json.dumps([r.to_dict() for r in requests], sort_keys=True).encode()).hexdigest()
-
-
-def world_cache_key(context, parameters: dict) -> str:
-    """Prefect cache key of ``build_world_task``: the world's own key (WorldConfig, fact table, build
-    format) and the folder it is built in (``$KDPO_HOME/worlds``)."""
-    key = world_key([DATA / "facts.csv", DATA / "relations.json"], parameters["config"] or WorldConfig())
-    return f"world-{key}-{hashlib.sha256(str(cache_root().resolve()).encode()).hexdigest()[:8]}"
 
 
 def probe_cache_key(context, parameters: dict) -> str:

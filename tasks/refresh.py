@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
+from pydantic import BaseModel, ConfigDict
 
 from data_checks import split_valid, validate_requests
 from kdpo.editing import (
@@ -24,10 +25,24 @@ from tasks.caching import probe_cache_key
 from tasks.tracking import flat_metrics, step_run
 
 
-DEFAULT_GATES = {  # a refresh is promoted only if its final scores (teacher-forced and exact) reach these
-    "min_edit_success": 0.95, "min_generalization": 0.8, "min_locality": 0.9, "max_fluency_drop": 0.5,
-    "min_edit_success_exact": 0.9, "min_generalization_exact": 0.7, "min_locality_exact": 0.9,
-}
+
+
+class Gates(BaseModel):
+    """The promotion gates: a refresh is promoted only if its final scores (teacher-forced and exact) reach
+    each minimum and its fluency drops by at most ``max_fluency_drop``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_edit_success: float = 0.95
+    min_generalization: float = 0.8
+    min_locality: float = 0.9
+    max_fluency_drop: float = 0.5
+    min_edit_success_exact: float = 0.9
+    min_generalization_exact: float = 0.7
+    min_locality_exact: float = 0.9
+
+
+DEFAULT_GATES = Gates().model_dump()
 NO_CHAMPION = "none"  # started_from when a refresh started from the world because there was no champion
 
 

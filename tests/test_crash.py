@@ -169,6 +169,7 @@ def test_a_second_identical_refresh_is_refused_and_a_dead_holder_is_taken_over(t
     (["--limit", "-5"], "limit must be at least 1, got -5"),
     (["--method", "bogus"], "unknown method 'bogus'"),
     (["--set", "max_steps=many"], "setting 'max_steps' expects int"),
+    (["--gate", "min_localty=0.9"], "min_localty: unknown gate; gates: min_edit_success,"),
     (["--tracking-uri", "sqlite:////proc/kdpo/mlruns.db"], "MLflow tracking URI sqlite:////proc/kdpo/mlruns.db is not usable"),
 ])
 def test_bad_arguments_are_refused_in_one_line_before_any_work(tiny_world, tmp_path, arguments, message):

@@ -22,10 +22,10 @@ from kdpo.loaders import write_jsonl
 from kdpo.memory import EditMemory
 from kdpo.modeling import load_model
 from kdpo.world import WorldConfig, cache_root, recall_shortfall
-from tasks.caching import probe_cache_key, refresh_work_dir
+import tasks.caching
+from tasks.caching import directory_digest, probe_cache_key, refresh_work_dir
 from tasks.refresh import DataGateError, evaluate_refresh, register_model
-import tasks.world
-from tasks.world import build_world_task, cached_world
+from tasks.world import build_world_task
 
 
 
@@ -165,34 +165,42 @@ def test_baseline_probe_is_cached_by_model_and_requests(tiny_world, tiny_request
     assert key != probe_cache_key(None, {"model_dir": str(edited), "requests": tiny_requests[:2]})
 
 
-def test_world_build_is_cached_by_its_inputs(tiny_world, prefect_results, tmp_path, monkeypatch):
+def test_world_build_has_one_cache_its_directory(tiny_world, tmp_path):
+    """The task loads a built world from ``$KDPO_HOME/worlds/KEY`` (no second cache of Prefect's that could name
+    a directory since removed), builds one with other inputs, and builds again a world whose directory is gone."""
     config = WorldConfig(**TINY_WORLD)
     world_dir = cache_root() / tiny_world.info["key"]
-    shutil.copytree(tiny_world.path, world_dir)  # built already: the builder's own disk cache has it
+    shutil.copytree(tiny_world.path, world_dir)  # built already
 
     @flow
-    def build_state(config: WorldConfig) -> str:
-        return build_world_task(config, return_state=True).name
+    def build(config: WorldConfig) -> tuple[Path, bool]:
+        world = build_world_task(config)
+        return world.path, world.info["cached"]
 
-    assert build_state(config) == "Completed"
-    assert build_state(config) == "Cached"
-    assert build_state(WorldConfig(**TINY_WORLD | {"seed": 1, "max_epochs": 1})) == "Completed"  # other inputs
+    assert build(config) == (world_dir, True)
+    other = WorldConfig(**TINY_WORLD | {"seed": 1, "max_epochs": 1})
+    other_dir, cached = build(other)
+    assert other_dir != world_dir and not cached and build(other) == (other_dir, True)
+    shutil.rmtree(other_dir)
+    assert build(other) == (other_dir, False)
 
-    # a cached record naming a world directory that is gone: the task runs again
-    shutil.move(world_dir, tmp_path / "moved")
-    real_build = tasks.world.build_world
 
-    def restore_then_build(config, progress):  # stands in for the rebuild: the directory comes back
-        shutil.move(tmp_path / "moved", world_dir)
-        return real_build(config, progress=progress)
-
-    monkeypatch.setattr(tasks.world, "build_world", restore_then_build)
-
-    @flow
-    def world_path(config: WorldConfig) -> Path:
-        return cached_world(config).path
-
-    assert world_path(config) == world_dir and not (tmp_path / "moved").exists()
+def test_a_model_directory_is_hashed_once_while_it_is_unchanged(tiny_world, tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_world.path, model)
+    reads = []
+    real_update = tasks.caching._update_with_file
+    monkeypatch.setattr(tasks.caching, "_update_with_file", lambda digest, path: (reads.append(path),
+                                                                                  real_update(digest, path)))
+    first = directory_digest(model)
+    files_read = len(reads)
+    assert files_read == len([p for p in model.rglob("*") if p.is_file()])
+    assert directory_digest(model) == first
+    assert probe_cache_key(None, {"model_dir": str(model), "requests": []}).startswith(f"probe-{first[:16]}")
+    assert len(reads) == files_read  # the second digest and the probe's key read no file
+    with (model / "model.safetensors").open("ab") as weights:  # a changed size: seen on any file system
+        weights.write(b"\0")
+    assert directory_digest(model) != first and len(reads) == 2 * files_read
 
 
 def test_refresh_work_dir_is_keyed_by_the_refresh_inputs(tiny_world, kdpo_home):
@@ -274,3 +282,18 @@ def test_a_world_that_missed_its_recall_bar_is_refused(tiny_world, tracking, tmp
     with pytest.raises(RefreshInputError, match=r"missed its recall bar 0\.97 .*main 0\.500.*--allow-weak-world"):
         knowledge_refresh(model=str(weak), limit=1, tracking_uri=tracking, model_name="weak")
     assert not MlflowClient(tracking).search_registered_models()  # refused before any run or registration
+
+
+def test_flow_parameters_are_typed_for_the_prefect_form():
+    """The Prefect UI builds its run form from these: the method is a choice, the gates a typed block."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.inbox import refresh_inbox
+    from kdpo.editors import EDITORS
+
+    for refresh in (knowledge_refresh, refresh_inbox):
+        schema = parameter_schema(refresh.fn).model_dump()
+        assert sorted(schema["properties"]["method"]["enum"]) == sorted(EDITORS)
+        gates = schema["definitions"]["Gates"]
+        assert {name: field["default"] for name, field in gates["properties"].items()} == DEFAULT_GATES
+        assert gates["additionalProperties"] is False  # a misspelt gate is refused, not ignored

@@ -26,7 +26,7 @@ import torch
 
 from bench.measure import BUDGET_FORMULA, PEAK_FORMULA, Job, run_jobs, threads_per_job
 from kdpo.cli import UsageError
-from kdpo.config import ConfigError, build_settings, split_setting
+from kdpo.config import ConfigError, build_settings, flat_settings, split_setting
 from kdpo.editing import SCHEDULE, make_config
 from kdpo.evaluation import PROTOCOL
 from kdpo.loaders import EditDataError
@@ -311,7 +311,7 @@ def log_to_mlflow(report: dict, out: Path, tracking_uri: str | None, artifact_ro
         for path in reports:
             mlflow.log_artifact(path)
     for row in report["rows"]:
-        params = row["config"] | {"method": row["method"], "edits_file": report["edits_file"],
+        params = flat_settings(row["config"]) | {"method": row["method"], "edits_file": report["edits_file"],
                                   "counts": report["counts"], "device": report["device"], "dtype": report["dtype"]}
         with step_run(row["method"], parent, params) as run:
             mlflow.set_tags(tags | {f"protocol.{name}": text for name, text in report["protocol"].items()})

@@ -245,7 +245,7 @@ def measure_method(job: Job) -> dict:
         "cpu_seconds_per_edit": cpu["edits_after_first"] / (counts[-1] - 1) if counts[-1] > 1 else None,
         "torch_threads": torch.get_num_threads(),
         "kdpo_source": source,
-        "memory": memory_report(trace, model, config.modules),
+        "memory": memory_report(trace, model, config.edited_modules),
         "load_average": os.getloadavg(),  # other processes on the machine skew the timings
     }
 

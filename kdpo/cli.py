@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "ft-m (target-masked fine-tuning), ft-l (ROME's constrained fine-tuning)")
     settings.add_argument("--config", help="YAML/JSON file of editor settings, or a preset name (paper)")
     settings.add_argument("--set", action="append", metavar="KEY=VALUE",
-                          help="override one editor setting, e.g. --set lr=1e-3 --set modules=layers.1.mlp.down_proj")
+                          help="override one editor setting, e.g. --set lr=1e-3 --set memory.rank=8 (a misspelt name lists them all)")
     settings.add_argument(
         "--protection-corpus",
         help="text the model knows, whose keys null-space protection keeps: a text file (one passage a line), "

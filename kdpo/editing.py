@@ -64,10 +64,11 @@ def protected_subspaces(
             "otherwise pass --protection-corpus FILE, or --set protection=none)"
         )
     subspaces = []
-    for covariance in key_covariances(model, tokenizer, list(config.modules), corpus, progress=progress):
-        subspace = ProtectedSubspace.from_key_covariance(covariance, config.null_space_threshold)
-        if config.corpus_key_weight > 0:  # soft edit keys (validated): the soft fit is where it counts
-            subspace.add_soft_covariance(covariance, config.corpus_key_weight, config.commit_ridge)
+    for covariance in key_covariances(model, tokenizer, list(config.weights.modules), corpus, progress=progress):
+        subspace = ProtectedSubspace.from_key_covariance(covariance, config.null_space.threshold)
+        if config.null_space.corpus_key_weight > 0:  # soft edit keys (validated): the soft fit is where it counts
+            subspace.add_soft_covariance(covariance, config.null_space.corpus_key_weight,
+                                          config.null_space.commit_ridge)
         subspaces.append(subspace)
     return subspaces
 
@@ -91,7 +92,7 @@ def memory_editor(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, me
     memory = EditMemory.of(model)
     if memory is None:
         raise ConfigError("this model has no edit memory (edit_memory.safetensors)")
-    config = make_config(method, overrides={"memory_modules": ",".join(memory.modules), "memory_rank": str(memory.rank)})
+    config = make_config(method, overrides={"memory.modules": ",".join(memory.modules), "memory.rank": str(memory.rank)})
     return build_editor(model, tokenizer, method, config, corpus)
 
 
@@ -251,7 +252,7 @@ def protection_report(editor: Editor, protected_at_start: list[int]) -> list[dic
          "free_at_end": subspace.dim - subspace.rank,
          "soft_memory_rank": 0 if subspace.key_gram is None else int(torch.linalg.matrix_rank(subspace.key_gram)),
          "spectrum": [] if subspace.spectrum is None else [float(v) for v in subspace.spectrum]}
-        for name, subspace, start in zip(editor.config.modules, editor.protected or [], protected_at_start)
+        for name, subspace, start in zip(editor.config.weights.modules, editor.protected or [], protected_at_start)
     ]
 
 

@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
 from data_checks import split_valid, validate_requests
+from kdpo.config import flat_settings
 from kdpo.editing import (
     Checkpoint, SequentialResult, latest_checkpoint, load_checkpoint, make_config, memory_editor, run_sequential,
     save_checkpoint,
@@ -119,7 +120,8 @@ def apply_edits(
     model, tokenizer, resume = load_checkpoint(latest) if latest else (*load_model(model_dir), None)
     corpus = model_corpus(model_dir)
     resumed_at = resume.next_edit if resume else 0
-    params = {"method": method, "checkpoint_every": checkpoint_every, "resumed_at_edit": resumed_at, **asdict(config)}
+    params = {"method": method, "checkpoint_every": checkpoint_every, "resumed_at_edit": resumed_at,
+              **flat_settings(config)}
     successes: list[float] = []
     with step_run("edit", parent_run_id, params):
         def log_edit(record):

@@ -234,9 +234,9 @@ def test_prompts_longer_than_the_context_are_refused(tiny_world, tiny_requests, 
 
 def test_edit_in_bfloat16_with_a_config_file(tiny_world, tmp_path, capsys):
     config = tmp_path / "kdpo.yaml"
-    config.write_text("lr: 0.02\nmax_steps: 60\nmemory_modules: [layers.1.mlp.down_proj]\n")
+    config.write_text("lr: 0.02\nmax_steps: 60\nmemory:\n  modules: [layers.1.mlp.down_proj]\n")
     code, out, _ = run(capsys, "edit", "--model", tiny_world.path, "--n", 2, "--dtype", "bfloat16",
                        "--config", config, "--set", "max_steps=80", "--json")
     document = json.loads(out)
     assert code == 0 and document["config"]["lr"] == 0.02 and document["config"]["max_steps"] == 80
-    assert document["config"]["memory_modules"] == ["layers.1.mlp.down_proj"]
+    assert document["config"]["memory"]["modules"] == ["layers.1.mlp.down_proj"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kdpo.config import ConfigError
+from kdpo.config import ConfigError, flat_settings
 from kdpo.editing import SCHEDULE, build_editor, make_config, run_sequential
 from kdpo.evaluation import probe, score_pairs
 from kdpo.protection import ProtectedSubspace
@@ -103,9 +103,11 @@ def test_baseline_probe_scores_locality_against_itself(tiny_model, tiny_requests
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"memory_modules": "layers.9.mlp.down_proj"}, "no module named"),
-        ({"modules": "layers.9.mlp.down_proj", "protection": "none"}, "no module named"),
-        ({"null_space_threshold": "2"}, "null_space_threshold"),
+        ({"memory.modules": "layers.9.mlp.down_proj"}, "no module named"),
+        ({"weights.modules": "layers.9.mlp.down_proj", "protection": "none"}, "no module named"),
+        ({"null_space.threshold": "2", "protection": "null-space"}, "null_space.threshold must be in"),
+        ({"null_space.threshhold": "2"}, "has no setting 'null_space.threshhold'; settings: .*null_space.threshold"),
+        ({"memory": "big"}, "'memory' is a block of settings: set memory.NAME=VALUE"),
         ({"protection": "magic"}, "protection must be one of"),
         ({"learning_rate": "1"}, "has no setting 'learning_rate'"),
         ({"lr": "fast"}, "expects float"),
@@ -126,9 +128,21 @@ def test_null_space_without_corpus_is_a_clear_error(tiny_model):
 def test_paper_preset_is_a_named_config():
     kdpo = make_config("kdpo", "paper")
     assert kdpo.protection == "none" and kdpo.stop_margin == 0.0 and kdpo.nll_weight == 0.0 and kdpo.lr == 2e-5
-    assert kdpo.modules == ("layers.2.mlp.down_proj",)
-    ft_m = make_config("ft-m", "paper", {"lr": "1e-3"})  # DPO-only fields are skipped, overrides still win
-    assert ft_m.lr == 1e-3 and not hasattr(ft_m, "beta")
+    assert kdpo.weights.modules == ("layers.2.mlp.down_proj",) and not kdpo.weights.minimal_change
+    ft_m = make_config("ft-m", "paper", {"lr": "1e-3", "weights.minimal_change": "true"})  # DPO-only fields are
+    assert ft_m.lr == 1e-3 and not hasattr(ft_m, "beta")  # skipped, overrides still win, inside a block too
+    assert ft_m.weights == type(ft_m.weights)(("layers.2.mlp.down_proj",), True)
+
+
+def test_a_block_of_settings_is_set_by_dotted_keys_or_a_mapping(tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("memory:\n  rank: 8\n  preserve_weight: 2\n")
+    from_file = make_config("ft-m", settings, {"memory.preserve_weight": "3"})
+    dotted = make_config("ft-m", overrides={"memory.rank": "8", "memory.preserve_weight": "3"})
+    assert from_file == dotted and dotted.memory.rank == 8 and dotted.memory.preserve_weight == 3.0
+    assert dotted.memory.modules == make_config("ft-m").memory.modules  # the block's other settings: defaults
+    flat = flat_settings(dotted)
+    assert flat["memory.rank"] == 8 and flat["null_space.threshold"] == 1e-3 and "memory" not in flat
     with pytest.raises(ConfigError, match="cannot read settings file"):
         make_config("kdpo", "no-such-preset")
 

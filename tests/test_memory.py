@@ -209,7 +209,7 @@ def test_memory_edits_a_gpt2_shaped_model(tiny_world, tiny_requests):
     tokenizer = AutoTokenizer.from_pretrained(tiny_world.path)
     model, module = random_model(tokenizer, "gpt2")
     # the edit itself on a GPT-2-shaped model (Conv1D modules); preservation is measured on the world
-    config = make_config("kdpo", overrides={"memory_modules": module, "max_steps": "300", "memory_preserve_weight": "0"})
+    config = make_config("kdpo", overrides={"memory.modules": module, "max_steps": "300", "memory.preserve_weight": "0"})
     editor = build_editor(model, tokenizer, "kdpo", config, tiny_world.corpus())
     request = tiny_requests[0]
     assert editor.edit(request).reached

@@ -64,7 +64,7 @@ def test_key_statistics_are_cached_and_invalidated_by_new_weights(tiny_world, ti
 def test_committed_edit_protects_its_prompt(tiny_world, tiny_model, tiny_requests):
     model, tokenizer = tiny_model
     request = tiny_requests[0]
-    config = make_config("ft-m", overrides=NULL_SPACE | {"edit_keys": "hard"})
+    config = make_config("ft-m", overrides=NULL_SPACE | {"null_space.edit_keys": "hard"})
     editor = build_editor(model, tokenizer, "ft-m", config, tiny_world.corpus())
     editor.edit(request)
     prompts = [request.prompt]
@@ -111,7 +111,7 @@ def test_minimal_change_commits_a_smaller_change_with_the_same_edit(tiny_world, 
     outcomes, answers = {}, {}
     for minimal in ("false", "true"):
         model.load_state_dict(state)
-        config = make_config(method, overrides=NULL_SPACE | {"minimal_change": minimal, "edit_keys": "hard"})
+        config = make_config(method, overrides=NULL_SPACE | {"weights.minimal_change": minimal, "null_space.edit_keys": "hard"})
         editor = build_editor(model, tokenizer, method, config, tiny_world.corpus())
         outcomes[minimal] = editor.edit(request)
         batch = encode_pairs(tokenizer, [(request.prompt, request.target_new)])
@@ -139,12 +139,12 @@ def test_weight_drift_is_recorded_per_edit(tiny_world, tiny_model, tiny_requests
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"null_space_threshold": "0"}, "null_space_threshold must be in"),
-        ({"corpus_key_weight": "-1"}, "corpus_key_weight must be >= 0"),
-        ({"edit_keys": "firm"}, "edit_keys must be one of"),
-        ({"minimal_change": "false"}, "needs minimal_change"),
-        ({"edit_keys": "hard", "corpus_key_weight": "1"}, "needs edit_keys 'soft'"),
-        ({"memory_rank": "8"}, "memory_rank has no effect with protection 'null-space'"),
+        ({"null_space.threshold": "0"}, "null_space.threshold must be in"),
+        ({"null_space.corpus_key_weight": "-1"}, "null_space.corpus_key_weight must be >= 0"),
+        ({"null_space.edit_keys": "firm"}, "null_space.edit_keys must be one of"),
+        ({"weights.minimal_change": "false"}, "needs weights.minimal_change"),
+        ({"null_space.edit_keys": "hard", "null_space.corpus_key_weight": "1"}, "needs edit_keys 'soft'"),
+        ({"memory.rank": "8"}, "the memory settings have no effect with protection 'null-space'"),
     ],
 )
 def test_bad_protection_settings_are_clear_errors(overrides, message):
@@ -154,13 +154,14 @@ def test_bad_protection_settings_are_clear_errors(overrides, message):
 
 @pytest.mark.parametrize(
     "overrides, ignored",
-    [({}, "modules"), ({}, "edit_keys"), ({"protection": "none"}, "commit_ridge"),
-     ({"protection": "none"}, "memory_preserve_weight")],
+    [({}, "weights.modules"), ({}, "null_space.edit_keys"), ({"protection": "none"}, "null_space.commit_ridge"),
+     ({"protection": "none"}, "memory.preserve_weight")],
 )
 def test_a_setting_the_protection_never_reads_is_rejected(overrides, ignored):
-    value = {"modules": "layers.0.mlp.down_proj", "edit_keys": "hard", "commit_ridge": "1",
-             "memory_preserve_weight": "2"}[ignored]
-    with pytest.raises((ConfigError, ValueError), match=f"^kdpo: {ignored} has no effect with protection"):
+    value = {"weights.modules": "layers.0.mlp.down_proj", "null_space.edit_keys": "hard",
+             "null_space.commit_ridge": "1", "memory.preserve_weight": "2"}[ignored]
+    block = ignored.split(".")[0]
+    with pytest.raises((ConfigError, ValueError), match=f"^kdpo: the {block} settings have no effect with protection"):
         make_config("kdpo", overrides=overrides | {ignored: value})
 
 
@@ -229,7 +230,7 @@ def test_corpus_covariance_starts_the_soft_memory_and_steers_the_fit_away_from_c
 def test_corpus_key_weight_starts_the_soft_memory_of_every_module(tiny_world, tiny_model, tiny_requests):
     model, tokenizer = tiny_model
     corpus = tiny_world.corpus()
-    soft_config = make_config("kdpo", overrides=NULL_SPACE | {"corpus_key_weight": "1e-3"})
+    soft_config = make_config("kdpo", overrides=NULL_SPACE | {"null_space.corpus_key_weight": "1e-3"})
     soft = build_editor(model, tokenizer, "kdpo", soft_config, corpus)
     assert all(subspace.soft_inverse is not None for subspace in soft.protected)
     plain = make_config("kdpo", overrides=NULL_SPACE)  # no corpus keys: the soft memory starts with the first edit

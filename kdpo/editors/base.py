@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -35,65 +35,90 @@ PROTECTIONS = ("memory", "null-space", "none")
 CONTEXT_COPIES = 2  # memory: each fact is also trained behind this many random corpus lines
 PRESERVED_TEXTS = 16  # memory: at most this many corpus lines about the subject are kept as they were
 EDIT_KEY_MODES = ("soft", "hard")
-MEMORY_SETTINGS = ("memory_modules", "memory_rank", "memory_preserve_weight")
-WEIGHT_SETTINGS = ("modules", "minimal_change")
-NULL_SPACE_SETTINGS = ("null_space_threshold", "protect_edit_keys", "edit_keys", "edit_key_weight", "commit_ridge",
-                       "corpus_key_weight")
+
+
+@dataclass
+class MemorySettings:
+    """Edits in the edit memory (``protection: memory``)."""
+
+    modules: tuple[str, ...] = ("layers.1.mlp.down_proj",)  # the modules a slot changes
+    rank: int = 4
+    preserve_weight: float = 16.0  # weight of the KL that keeps corpus text about the subject unchanged (at 1.0
+    # a slot changed 15% of the answers it is gated on that are not its own; see docs/benchmarks.md)
+
+
+@dataclass
+class WeightSettings:
+    """Edits in the weights (``protection: null-space`` or ``none``)."""
+
+    modules: tuple[str, ...] = ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")
+    minimal_change: bool = True  # commit only the part of the change the edit's own sequence uses
+
+
+@dataclass
+class NullSpaceSettings:
+    """Null-space protection of edits in the weights (``protection: null-space``)."""
+
+    threshold: float = 1e-3  # protect the leading key directions holding 99.9% of K0's energy
+    protect_edit_keys: bool = True
+    edit_keys: str = "soft"  # how committed edits' keys are kept: "soft" (least squares) or "hard" (barred span)
+    edit_key_weight: float = 1.0  # soft: weight of a past edit's key against the new edit's own keys
+    commit_ridge: float = 1e-2  # soft: ridge of the least-squares fit of the committed change
+    corpus_key_weight: float = 0.0  # soft: weight of each corpus key outside the null space in the fit
 
 
 @dataclass
 class EditorConfig:
-    """Settings every editor shares. Module names match as suffixes of ``model.named_modules()``."""
+    """Settings every editor shares; each place an edit can live has its own block. Module names match as
+    suffixes of ``model.named_modules()``."""
 
-    modules: tuple[str, ...] = ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")
     lr: float = 1e-2
     max_steps: int = 40
     stop_margin: float = 4.0
     protection: str = "memory"  # where an edit lives: "memory" (subject-gated slots), or the weights with
     # "null-space" protection or "none"
-    memory_modules: tuple[str, ...] = ("layers.1.mlp.down_proj",)
-    memory_rank: int = 4
-    memory_preserve_weight: float = 16.0  # weight of the KL that keeps corpus text about the subject unchanged (at
-    # 1.0 a slot changed 15% of the answers it is gated on that are not its own; see docs/benchmarks.md)
-    null_space_threshold: float = 1e-3  # protect the leading key directions holding 99.9% of K0's energy
-    protect_edit_keys: bool = True
-    edit_keys: str = "soft"  # how committed edits' keys are kept: "soft" (least squares) or "hard" (barred span)
-    edit_key_weight: float = 1.0  # soft: weight of a past edit's key against the new edit's own keys
-    commit_ridge: float = 1e-2  # soft: ridge of the least-squares fit of the committed change
-    minimal_change: bool = True  # commit only the part of the change the edit's own sequence uses
-    corpus_key_weight: float = 0.0  # edit_keys soft: weight of each corpus key outside the null space in the fit
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    weights: WeightSettings = field(default_factory=WeightSettings)
+    null_space: NullSpaceSettings = field(default_factory=NullSpaceSettings)
 
     def validate(self) -> None:
         if self.protection not in PROTECTIONS:
             raise ValueError(f"protection must be one of {PROTECTIONS}, got {self.protection!r}")
-        defaults = {f.name: f.default for f in fields(self)}
-        ignored = [name for name in self.ignored_settings() if getattr(self, name) != defaults[name]]
+        ignored = [block for block in self.ignored_blocks() if getattr(self, block) != type(getattr(self, block))()]
         if ignored:
-            raise ValueError(f"{', '.join(ignored)} has no effect with protection {self.protection!r}: leave it out")
-        if not 0.0 < self.null_space_threshold < 1.0:
-            raise ValueError(f"null_space_threshold must be in (0, 1), got {self.null_space_threshold}")
-        if self.edit_keys not in EDIT_KEY_MODES:
-            raise ValueError(f"edit_keys must be one of {EDIT_KEY_MODES}, got {self.edit_keys!r}")
-        if self.protection == "null-space" and self.edit_keys == "soft" and not self.minimal_change:
-            raise ValueError("edit_keys 'soft' remembers softly through the fitted commit, so it needs minimal_change true")
-        if self.edit_keys == "hard" and self.corpus_key_weight:
-            raise ValueError("corpus_key_weight acts in the soft fit only: it needs edit_keys 'soft'")
-        if self.edit_key_weight <= 0 or self.commit_ridge <= 0:
-            raise ValueError("edit_key_weight and commit_ridge must be > 0")
-        if self.corpus_key_weight < 0:
-            raise ValueError(f"corpus_key_weight must be >= 0, got {self.corpus_key_weight}")
+            raise ValueError(f"the {' and '.join(ignored)} settings have no effect with protection {self.protection!r}: "
+                             "leave them out")
+        memory, weights, null_space = self.memory, self.weights, self.null_space
+        if not 0.0 < null_space.threshold < 1.0:
+            raise ValueError(f"null_space.threshold must be in (0, 1), got {null_space.threshold}")
+        if null_space.edit_keys not in EDIT_KEY_MODES:
+            raise ValueError(f"null_space.edit_keys must be one of {EDIT_KEY_MODES}, got {null_space.edit_keys!r}")
+        if self.protection == "null-space" and null_space.edit_keys == "soft" and not weights.minimal_change:
+            raise ValueError("null_space.edit_keys 'soft' remembers softly through the fitted commit, so it needs "
+                             "weights.minimal_change true")
+        if null_space.edit_keys == "hard" and null_space.corpus_key_weight:
+            raise ValueError("null_space.corpus_key_weight acts in the soft fit only: it needs edit_keys 'soft'")
+        if null_space.edit_key_weight <= 0 or null_space.commit_ridge <= 0:
+            raise ValueError("null_space.edit_key_weight and null_space.commit_ridge must be > 0")
+        if null_space.corpus_key_weight < 0:
+            raise ValueError(f"null_space.corpus_key_weight must be >= 0, got {null_space.corpus_key_weight}")
         if self.lr <= 0 or self.max_steps < 1:
             raise ValueError("lr must be > 0 and max_steps >= 1")
-        if not self.modules or not self.memory_modules:
-            raise ValueError("modules and memory_modules must name at least one linear module to edit")
-        if self.memory_rank < 1 or self.memory_preserve_weight < 0:
-            raise ValueError("memory_rank must be >= 1 and memory_preserve_weight >= 0")
+        if not weights.modules or not memory.modules:
+            raise ValueError("weights.modules and memory.modules must name at least one linear module to edit")
+        if memory.rank < 1 or memory.preserve_weight < 0:
+            raise ValueError("memory.rank must be >= 1 and memory.preserve_weight >= 0")
 
-    def ignored_settings(self) -> tuple[str, ...]:
-        """The settings this protection never reads (setting one is a mistake, rejected by ``validate``)."""
+    @property
+    def edited_modules(self) -> tuple[str, ...]:
+        """The modules an edit changes: the memory's, or the weights'."""
+        return self.memory.modules if self.protection == "memory" else self.weights.modules
+
+    def ignored_blocks(self) -> tuple[str, ...]:
+        """The blocks of settings this protection never reads (setting one is a mistake, rejected by ``validate``)."""
         if self.protection == "memory":
-            return WEIGHT_SETTINGS + NULL_SPACE_SETTINGS
-        return MEMORY_SETTINGS + (NULL_SPACE_SETTINGS if self.protection == "none" else ())
+            return ("weights", "null_space")
+        return ("memory",) + (("null_space",) if self.protection == "none" else ())
 
 
 @dataclass
@@ -172,11 +197,11 @@ class Editor(ABC):
         self.memory = None
         if self.config.protection == "memory":
             ends = () if EditMemory.of(model) else sentence_end_ids(tokenizer)  # a memory it has keeps its own
-            self.memory = EditMemory.attach(model, self.config.memory_modules, self.config.memory_rank, ends)
+            self.memory = EditMemory.attach(model, self.config.memory.modules, self.config.memory.rank, ends)
         elif EditMemory.of(model) is not None:
             raise ValueError("this model carries an edit memory: edit it with protection 'memory', so that the "
                              "memory's edits and weight edits do not overlap unseen")
-        self.module_names = self.config.memory_modules if self.memory else self.config.modules
+        self.module_names = self.config.edited_modules
         self.modules = [find_module(model, name) for name in self.module_names]
         if self.config.protection == "null-space" and protected is None:
             raise ValueError("protection 'null-space' needs protected key subspaces (see kdpo.editing.protect)")
@@ -276,7 +301,7 @@ class Editor(ABC):
                 loss = self.edit_loss(logits[: len(rows)], batch)
                 if preserved is not None:
                     kl = kl_to_reference(logits[len(rows):].log_softmax(-1), reference, kept)
-                    loss = loss + self.config.memory_preserve_weight * kl
+                    loss = loss + self.config.memory.preserve_weight * kl
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -308,7 +333,7 @@ class Editor(ABC):
         ``PRESERVED_TEXTS`` corpus lines that mention the subject, less their sentences that hold an answer its
         facts change (the subject's other facts, as the model knew them), and each fact answered and followed
         by a corpus line, from the token after the answer on (the slot must not change how the text goes on)."""
-        if not self.config.memory_preserve_weight:
+        if not self.config.memory.preserve_weight:
             return None
         subject = facts[0].subject.strip()
         changed = [f.ground_truth for f in facts if f.ground_truth] + [f.target_new for f in facts]
@@ -364,13 +389,13 @@ class Editor(ABC):
             else:
                 with torch.no_grad():
                     reached = self.reached(forward_logits(self.model, batch), batch)
-            if self.config.minimal_change:
+            if self.config.weights.minimal_change:
                 key_rows = [inputs[batch.attention_mask.bool()]
                             for inputs in module_inputs(self.model, self.modules, batch.input_ids, batch.attention_mask)]
         finally:
             for handle in handles:
                 handle.remove()
-        if self.config.minimal_change:
+        if self.config.weights.minimal_change:
             with torch.no_grad():
                 deltas = [
                     self._fit_change(delta, keys if projector is None else projector.project(keys.float()), projector)
@@ -378,7 +403,7 @@ class Editor(ABC):
                 ]
                 self.constrain(deltas)  # the method's feasible set holds for what is committed, too
         delta_norm = self._commit(deltas, projectors)
-        if self.protected and self.config.protect_edit_keys:
+        if self.protected and self.config.null_space.protect_edit_keys:
             self._protect_edit_keys(fact)
         if self._soft:  # the fitted change may fall short of the trained one
             with torch.no_grad():
@@ -387,7 +412,7 @@ class Editor(ABC):
 
     @property
     def _soft(self) -> bool:
-        return bool(self.protected) and self.config.protect_edit_keys and self.config.edit_keys != "hard"
+        return bool(self.protected) and self.config.null_space.protect_edit_keys and self.config.null_space.edit_keys != "hard"
 
     @torch.no_grad()
     def drift(self) -> dict[str, float]:
@@ -439,8 +464,9 @@ class Editor(ABC):
         mask = batch.answer_mask
         for subspace, inputs in zip(self.protected, module_inputs(self.model, self.modules, batch.input_ids,
                                                                    batch.attention_mask)):
-            if self.config.edit_keys == "soft":
-                subspace.add_soft_keys(inputs[mask], self.config.edit_key_weight, self.config.commit_ridge)
+            if self.config.null_space.edit_keys == "soft":
+                subspace.add_soft_keys(inputs[mask], self.config.null_space.edit_key_weight,
+                                       self.config.null_space.commit_ridge)
             else:
                 subspace.add_keys(inputs[mask])
 

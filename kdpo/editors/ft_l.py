@@ -4,7 +4,7 @@ The loss reads every target token off the logits at the *last prompt position* (
 ``baselines/ft`` objective; identical to the NLL for one-token targets), and the trained change is
 clamped to an L-infinity ball of radius ``norm_constraint`` after every step (with protection
 ``none`` that is exactly ROME's clamp of the weights around their pre-edit values; with null-space
-protection the clamp applies before the projection). With ``minimal_change`` the committed change is
+protection the clamp applies before the projection). With ``weights.minimal_change`` the committed change is
 the fit of the trained one to the edit's own keys, clamped again.
 """
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 One *slot* per edited subject holds, for every edited module, a low-rank change ``x @ A_s @ B_s`` added to
 the module's output from a mention of the subject to the end of its sentence (the position before the next
-sentence-ending token: ``.``, ``!``, ``?`` or a line break); elsewhere the model is exactly the base model.
+sentence-ending token: ``.``, ``!`` or a line break; not ``?``, whose answer follows it and is part of the
+subject's statement); elsewhere the model is exactly the base model.
 A mention is a match of one of the subject's token sequences (``subject`` and
 ``" " + subject`` as the tokenizer writes them) in ``input_ids``, found for the whole batch at once with
 rolling hashes (a loop over pattern lengths, never over tokens) and checked token by token.
@@ -87,9 +88,10 @@ def subject_patterns(tokenizer, subject: str) -> list[list[int]]:
 
 
 def sentence_end_ids(tokenizer) -> list[int]:
-    """The tokens that end a sentence: their text ends with ``.``, ``!`` or ``?``, or holds a line break."""
+    """The tokens that end a subject's statement: their text ends with ``.`` or ``!``, or holds a line break. Not
+    ``?``: in "Which company makes X? Y." the answer Y after the question is what an edit of X changes."""
     texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
-    return [token for token, text in enumerate(texts) if text.rstrip(" ").endswith((".", "!", "?")) or "\n" in text]
+    return [token for token, text in enumerate(texts) if text.rstrip(" ").endswith((".", "!")) or "\n" in text]
 
 
 class EditMemory:

@@ -244,3 +244,16 @@ def test_memory_on_cuda(tiny_world, tiny_requests):
     model, tokenizer = load_model(tiny_world.path, device="cuda")
     editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=MEMORY), tiny_world.corpus())
     assert editor.edit(tiny_requests[0]).reached
+
+
+def test_a_question_mark_does_not_close_the_gate_before_its_answer():
+    """zsRE-style prompts ask a question about the subject; the answer after the ``?`` is what an edit changes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "Who", " runs", " Acme", "?", " Bo", ".", "!", "\n", " It"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(r"\s?\w+|[?.!\n]", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ends = [words[token] for token in sentence_end_ids(tokenizer)]
+    assert ends == [".", "!", "\n"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+SENTENCE_END = re.compile(r"(?<=[.!])\s+")
 
 
 def sentences(text: str) -> list[str]:
-    """``text`` split after each ``.``, ``!`` or ``?`` that whitespace follows."""
+    """``text`` split after each ``.`` or ``!`` that whitespace follows. Not after ``?``: a question and its
+    answer ("Who runs Acme? Bo.") are one statement, as they are one gate of the edit memory."""
     return [part for part in SENTENCE_END.split(text.strip()) if part]
 
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from kdpo.editing import build_editor, make_config
+from kdpo.editing import build_editor, make_config, withhold_evaluation_text
 from kdpo.evaluation import score_pairs
 from kdpo.layers import find_module
-from kdpo.editing import withhold_evaluation_text
 from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
 from kdpo.modeling import load_model, save_edited
+from kdpo.text import sentences, without_sentences
 
 MEMORY = {"max_steps": "150"}
 
@@ -183,6 +183,14 @@ def test_evaluation_sentences_are_withheld_from_the_corpus(tiny_requests):
               f"{request.locality[0].prompt} {request.locality[0].ground_truth}.", "Prompt of it is not a match."]
     assert withhold_evaluation_text(corpus, [request]) == ["A kept sentence. Another kept one!",
                                                            "Prompt of it is not a match."]
+
+
+def test_a_question_and_its_answer_are_one_sentence():
+    """Text kept unchanged for a subject drops the statement an edit changes whole: were the question kept without
+    its answer, its last position would still predict the old answer, and the edit could not be made (zsRE)."""
+    lines = ["Who runs Acme? Bo. Acme is big! Where is Acme? Oslo."]
+    assert sentences(lines[0]) == ["Who runs Acme? Bo.", "Acme is big!", "Where is Acme? Oslo."]
+    assert without_sentences(lines, lambda sentence: "Bo" in sentence) == ["Acme is big! Where is Acme? Oslo."]
 
 
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])

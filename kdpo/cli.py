@@ -5,7 +5,7 @@ Examples::
     kdpo world build                    # pre-train the built-in world (cached), report its recall
     kdpo probe --limit 5                # what the world answers now for its first 5 edit prompts
     kdpo edit --n 20                    # 20 sequential KDPO edits on the world, result table
-    kdpo edit --method ft-m --set lr=1e-3 --set protection=none --n 50 --json
+    kdpo edit --method ft-m --set protection=none --set weights.lr=1e-3 --n 50 --json
     kdpo edit --model ./my-hf-model --edits counterfact.json --protection-corpus wiki.txt
     kdpo evaluate --model ./edited --baseline-model ./original --edits edits.jsonl
     kdpo edit --n 20 --save edited/     # the edits live in edited/edit_memory.safetensors beside the weights
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "ft-m (target-masked fine-tuning), ft-l (ROME's constrained fine-tuning)")
     settings.add_argument("--config", help="YAML/JSON file of editor settings, or a preset name (paper)")
     settings.add_argument("--set", action="append", metavar="KEY=VALUE",
-                          help="override one editor setting, e.g. --set lr=1e-3 --set memory.rank=8 (a misspelt name lists them all)")
+                          help="override one editor setting, e.g. --set memory.lr=1e-2 --set memory.rank=8 (a misspelt name lists them all)")
     settings.add_argument(
         "--protection-corpus",
         help="text the model knows, whose keys null-space protection keeps: a text file (one passage a line), "

@@ -115,9 +115,9 @@ def test_probe_edit_evaluate(tiny_world, tiny_requests, tmp_path, capsys):
 
 def test_edit_json_with_settings(tiny_world, capsys):
     code, out, _ = run(capsys, "edit", "--model", tiny_world.path, "--n", 2, "--method", "ft-m",
-                       "--set", "protection=none", "--set", "lr=1e-3", "--json")
+                       "--set", "protection=none", "--set", "weights.lr=1e-3", "--json")
     document = json.loads(out)
-    assert code == 0 and document["config"]["lr"] == 1e-3 and document["summary"]["edits"] == 2
+    assert code == 0 and document["config"]["weights"]["lr"] == 1e-3 and document["summary"]["edits"] == 2
 
 
 def test_memory_list_and_remove(tiny_world, tiny_requests, tmp_path, capsys):
@@ -203,7 +203,7 @@ def test_skip_invalid_lists_what_it_skipped(tiny_world, tiny_requests, tmp_path,
         (["world", "build", "--from", "/nonexistent/edits.jsonl"], "/nonexistent/edits.jsonl: file not found"),
         (["edit", "--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
         (["edit", "--set", "nonsense"], "KEY=VALUE"),
-        (["edit", "--set", "lr=abc"], "expects float"),
+        (["edit", "--set", "memory.lr=abc"], "expects float"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(tmp_path, argv, message):
@@ -234,9 +234,9 @@ def test_prompts_longer_than_the_context_are_refused(tiny_world, tiny_requests, 
 
 def test_edit_in_bfloat16_with_a_config_file(tiny_world, tmp_path, capsys):
     config = tmp_path / "kdpo.yaml"
-    config.write_text("lr: 0.02\nmax_steps: 60\nmemory:\n  modules: [layers.1.mlp.down_proj]\n")
+    config.write_text("max_steps: 60\nmemory:\n  lr: 0.02\n  modules: [layers.1.mlp.down_proj]\n")
     code, out, _ = run(capsys, "edit", "--model", tiny_world.path, "--n", 2, "--dtype", "bfloat16",
                        "--config", config, "--set", "max_steps=80", "--json")
     document = json.loads(out)
-    assert code == 0 and document["config"]["lr"] == 0.02 and document["config"]["max_steps"] == 80
+    assert code == 0 and document["config"]["memory"]["lr"] == 0.02 and document["config"]["max_steps"] == 80
     assert document["config"]["memory"]["modules"] == ["layers.1.mlp.down_proj"]

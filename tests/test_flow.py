@@ -208,7 +208,7 @@ def test_refresh_work_dir_is_keyed_by_the_refresh_inputs(tiny_world, kdpo_home):
     work_dir = refresh_work_dir(edits, model, "kdpo", None, 5, False)
     assert work_dir.parent == kdpo_home / "refreshes" and work_dir.is_dir()
     assert refresh_work_dir(edits, model, "kdpo", None, 5, False) == work_dir
-    others = [refresh_work_dir(edits, model, "ft-m", None, 5, False), refresh_work_dir(edits, model, "kdpo", {"lr": 1e-3}, 5, False),
+    others = [refresh_work_dir(edits, model, "ft-m", None, 5, False), refresh_work_dir(edits, model, "kdpo", {"memory.lr": 1e-3}, 5, False),
               refresh_work_dir(edits, model, "kdpo", None, 6, False)]
     assert len({work_dir, *others}) == 4
 

@@ -35,6 +35,7 @@ HASH_BASE = 1_000_003  # < 2**20, so (hash * base + token id) stays inside int64
 HASH_MODULUS = 4_398_046_511_093  # the largest prime below 2**42
 INIT_SCALE = 0.01  # A starts as N(0, INIT_SCALE^2) and B as zero, so a new slot changes nothing until trained
 NEVER = torch.iinfo(torch.long).max  # the close of a gate whose sentence has not ended yet
+PUNCTUATION = ".,;:!?'\")"  # what a subject can end in that may merge with the next token
 
 
 @dataclass
@@ -78,9 +79,11 @@ def prefix_hashes(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def subject_patterns(tokenizer, subject: str) -> list[list[int]]:
-    """The token sequences that mention ``subject``: as written alone and after a space."""
+    """The token sequences that mention ``subject``: as written alone and after a space; a subject that ends in
+    punctuation also without it, since the punctuation can merge with what follows ("Goin' Ape!" + "?" -> "!?")."""
+    names = [subject.strip()] + ([subject.strip().rstrip(PUNCTUATION)] if subject.strip()[-1:] in PUNCTUATION else [])
     patterns = []
-    for text in (subject.strip(), " " + subject.strip()):
+    for text in [form for name in names if name for form in (name, " " + name)]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids and ids not in patterns:
             patterns.append(ids)

@@ -267,3 +267,27 @@ def test_a_question_mark_does_not_close_the_gate_before_its_answer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     ends = [words[token] for token in sentence_end_ids(tokenizer)]
     assert ends == [".", "!", "\n"]
+
+
+def test_a_subject_ending_in_punctuation_is_found_where_the_punctuation_merges():
+    """zsRE: "Who originally recorded Goin' Ape!?" tokenizes the subject's "!" with the "?" as one token."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "Who", " recorded", " Goin", "'", " Ape", "!", "!?"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s?\w+|'|!\?|!"), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    prompt = tokenizer("Who recorded Goin' Ape!?")["input_ids"]
+    assert [words[t] for t in prompt] == ["Who", " recorded", " Goin", "'", " Ape", "!?"]
+    patterns = subject_patterns(tokenizer, "Goin' Ape!")
+    assert [3, 4, 5] in patterns and any(prompt[i:i + 3] == [3, 4, 5] for i in range(len(prompt)))
+
+
+def test_a_subject_missing_from_the_prompt_is_refused_before_the_memory_changes(tiny_world, tiny_requests, tiny_model):
+    model, tokenizer = tiny_model
+    request = dataclasses.replace(tiny_requests[0], subject="Atlantis")
+    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=MEMORY), tiny_world.corpus())
+    with pytest.raises(ValueError, match=f"case_id {request.case_id}: field 'subject': 'Atlantis' is not among"):
+        editor.edit(request)
+    assert not editor.memory.slots

@@ -243,8 +243,13 @@ class Editor(ABC):
         """Train the subject's slot on all its facts; a fact with the same case_id or prompt is replaced."""
         started = time.perf_counter()
         slot = self.memory.slot_of(fact.subject)
+        patterns = subject_patterns(self.tokenizer, fact.subject) if slot is None else self.memory.slots[slot].patterns
+        prompt = self.tokenizer(fact.prompt, add_special_tokens=False)["input_ids"]
+        if not any(prompt[i:i + len(p)] == p for p in patterns for i in range(len(prompt) - len(p) + 1)):
+            raise ValueError(f"case_id {fact.case_id}: field 'subject': {fact.subject!r} is not among the prompt's "
+                             "tokens, so no memory gate can open on it")
         if slot is None:
-            slot = self.memory.add_slot(fact.subject, subject_patterns(self.tokenizer, fact.subject))
+            slot = self.memory.add_slot(fact.subject, patterns)
         kept = [f for f in self.memory.slots[slot].facts if f.case_id != fact.case_id and f.prompt != fact.prompt]
         self.memory.slots[slot].facts = [*kept, fact]
         return self._train_slot(slot, started)

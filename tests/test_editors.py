@@ -2,15 +2,13 @@
 import pytest
 import torch
 
+from conftest import TINY_EDIT
 from kdpo.config import ConfigError, flat_settings
 from kdpo.editing import SCHEDULE, build_editor, make_config, run_sequential
 from kdpo.evaluation import probe, score_pairs
 from kdpo.protection import ProtectedSubspace
 
 UNPROTECTED = {"protection": "none", "weights.lr": "1e-3"}
-# a lead of 1 nat, not 4: the tiny world's final norm bounds how far one token can lead, and where depends on
-# the CPU its weights were trained on (3.8 nats for one target on some)
-TINY_EDIT = {"max_steps": "150", "stop_margin": "1.0"}
 
 
 def first_editable(model, tokenizer, requests):

@@ -6,16 +6,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from conftest import TINY_EDIT
 from kdpo.editing import build_editor, make_config, withhold_evaluation_text
 from kdpo.evaluation import score_pairs
 from kdpo.layers import find_module
 from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
 from kdpo.modeling import load_model, save_edited
 from kdpo.text import sentences, without_sentences
-
-# a lead of 1 nat, not 4: the tiny world's final norm bounds how far one token can lead, and where depends on
-# the CPU its weights were trained on (3.8 nats for one target on some)
-MEMORY = {"max_steps": "150", "stop_margin": "1.0"}
 
 
 def random_model(tokenizer, shape: str):
@@ -78,7 +75,7 @@ def test_memory_edit_changes_the_subject_only(tiny_world, tiny_requests, tiny_mo
     other = next(r for r in tiny_requests if r.subject != request.subject and request.subject not in r.prompt)
     encoded = tokenizer(other.prompt, return_tensors="pt")
     before = model(**encoded).logits
-    editor = build_editor(model, tokenizer, method, make_config(method, overrides=MEMORY), tiny_world.corpus())
+    editor = build_editor(model, tokenizer, method, make_config(method, overrides=TINY_EDIT), tiny_world.corpus())
     outcome = editor.edit(request)
     assert outcome.reached and score_pairs(model, tokenizer, [(request.prompt, request.target_new)])[0] == [1.0]
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())  # base weights untouched
@@ -91,7 +88,7 @@ def test_same_case_replaces_and_revert_takes_one_fact_back(tiny_world, tiny_requ
     for r in tiny_requests:
         by_subject.setdefault(r.subject, []).append(r)
     first, second = next(rs for rs in by_subject.values() if len(rs) >= 2)[:2]
-    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=MEMORY), tiny_world.corpus())
+    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=TINY_EDIT), tiny_world.corpus())
     editor.edit(first)
     editor.edit(second)
     assert [f.case_id for f in editor.memory.slots[0].facts] == [first.case_id, second.case_id]
@@ -229,7 +226,7 @@ def test_memory_edits_a_gpt2_shaped_model(tiny_world, tiny_requests):
 def test_bfloat16_model_runs_the_memory(tiny_world, tiny_requests):
     model, tokenizer = load_model(tiny_world.path, dtype="bfloat16")
     request = tiny_requests[0]
-    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=MEMORY), tiny_world.corpus())
+    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=TINY_EDIT), tiny_world.corpus())
     editor.edit(request)
     logits = model(**tokenizer(request.prompt, return_tensors="pt")).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
@@ -252,7 +249,7 @@ def test_memory_is_saved_and_loaded_with_the_model(tiny_world, tiny_requests, ti
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_memory_on_cuda(tiny_world, tiny_requests):
     model, tokenizer = load_model(tiny_world.path, device="cuda")
-    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=MEMORY), tiny_world.corpus())
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=TINY_EDIT), tiny_world.corpus())
     assert editor.edit(tiny_requests[0]).reached
 
 
@@ -287,7 +284,7 @@ def test_a_subject_ending_in_punctuation_is_found_where_the_punctuation_merges()
 def test_a_subject_missing_from_the_prompt_is_refused_before_the_memory_changes(tiny_world, tiny_requests, tiny_model):
     model, tokenizer = tiny_model
     request = dataclasses.replace(tiny_requests[0], subject="Atlantis")
-    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=MEMORY), tiny_world.corpus())
+    editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=TINY_EDIT), tiny_world.corpus())
     with pytest.raises(ValueError, match=f"case_id {request.case_id}: field 'subject': 'Atlantis' is not among"):
         editor.edit(request)
     assert not editor.memory.slots

@@ -3,6 +3,7 @@ protection of each committed edit's keys, and the weight-drift monitor."""
 import pytest
 import torch
 
+from conftest import TINY_EDIT
 from kdpo.config import ConfigError
 from kdpo.editing import build_editor, make_config, run_sequential
 from kdpo.editors.base import module_inputs, restrict_to_keys
@@ -12,7 +13,7 @@ from kdpo.modeling import encode_pairs
 from kdpo.protection import ProtectedSubspace
 
 MODULES = ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
-NULL_SPACE = {"protection": "null-space", "max_steps": "150"}  # tiny-world edits get the budget they need
+NULL_SPACE = {"protection": "null-space", **TINY_EDIT}
 
 
 def test_energy_rule_keeps_the_fewest_directions_holding_the_energy():

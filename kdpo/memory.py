@@ -81,13 +81,20 @@ def prefix_hashes(tokens: torch.Tensor) -> torch.Tensor:
 def subject_patterns(tokenizer, subject: str) -> list[list[int]]:
     """The token sequences that mention ``subject``: as written alone and after a space; a subject that ends in
     punctuation also without it, since the punctuation can merge with what follows ("Goin' Ape!" + "?" -> "!?")."""
-    names = [subject.strip()] + ([subject.strip().rstrip(PUNCTUATION)] if subject.strip()[-1:] in PUNCTUATION else [])
+    name = subject.strip()
+    bare = name.rstrip(PUNCTUATION)
+    forms = [name, " " + name] + ([bare, " " + bare] if bare and bare != name else [])
     patterns = []
-    for text in [form for name in names if name for form in (name, " " + name)]:
+    for text in forms:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ids and ids not in patterns:
             patterns.append(ids)
     return patterns
+
+
+def holds_pattern(ids: list[int], patterns: list[list[int]]) -> bool:
+    """Whether one of ``patterns`` occurs in ``ids`` (one text's tokens; the gate's batched search is ``mentions``)."""
+    return any(ids[i:i + len(p)] == p for p in patterns for i in range(len(ids) - len(p) + 1))
 
 
 def sentence_end_ids(tokenizer) -> list[int]:

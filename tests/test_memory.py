@@ -10,7 +10,7 @@ from conftest import TINY_EDIT
 from kdpo.editing import build_editor, make_config, withhold_evaluation_text
 from kdpo.evaluation import score_pairs
 from kdpo.layers import find_module
-from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
+from kdpo.memory import EditMemory, holds_pattern, sentence_end_ids, subject_patterns
 from kdpo.modeling import load_model, save_edited
 from kdpo.text import sentences, without_sentences
 
@@ -278,7 +278,7 @@ def test_a_subject_ending_in_punctuation_is_found_where_the_punctuation_merges()
     prompt = tokenizer("Who recorded Goin' Ape!?")["input_ids"]
     assert [words[t] for t in prompt] == ["Who", " recorded", " Goin", "'", " Ape", "!?"]
     patterns = subject_patterns(tokenizer, "Goin' Ape!")
-    assert [3, 4, 5] in patterns and any(prompt[i:i + 3] == [3, 4, 5] for i in range(len(prompt)))
+    assert [3, 4, 5] in patterns and holds_pattern(prompt, [[3, 4, 5]])
 
 
 def test_a_subject_missing_from_the_prompt_is_refused_before_the_memory_changes(tiny_world, tiny_requests, tiny_model):

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kdpo.layers import find_module, input_output_dims
 from kdpo.losses import answer_margin, kl_to_reference
-from kdpo.memory import EditMemory, sentence_end_ids, subject_patterns
+from kdpo.memory import EditMemory, holds_pattern, sentence_end_ids, subject_patterns
 from kdpo.modeling import IGNORE, TeacherForcedBatch, encode_pairs, forward_logits
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest, Fact
@@ -244,8 +244,7 @@ class Editor(ABC):
         started = time.perf_counter()
         slot = self.memory.slot_of(fact.subject)
         patterns = subject_patterns(self.tokenizer, fact.subject) if slot is None else self.memory.slots[slot].patterns
-        prompt = self.tokenizer(fact.prompt, add_special_tokens=False)["input_ids"]
-        if not any(prompt[i:i + len(p)] == p for p in patterns for i in range(len(prompt) - len(p) + 1)):
+        if not holds_pattern(self.tokenizer(fact.prompt, add_special_tokens=False)["input_ids"], patterns):
             raise ValueError(f"case_id {fact.case_id}: field 'subject': {fact.subject!r} is not among the prompt's "
                              "tokens, so no memory gate can open on it")
         if slot is None:

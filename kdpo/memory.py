@@ -153,7 +153,8 @@ class EditMemory:
         """Hook the memory into its model (``model.edit_memory``); a new memory is hooked already."""
         if self._handles:
             return
-        self._handles = [self.model.register_forward_pre_hook(self._gate_hook, with_kwargs=True)]
+        # on the body, so that a pass that stops before the output head (see kdpo.modeling.Logits) is gated too
+        self._handles = [self.model.base_model.register_forward_pre_hook(self._gate_hook, with_kwargs=True)]
         self._handles += [layer.register_forward_hook(self._change_hook(i)) for i, layer in enumerate(self.layers)]
         self.model.edit_memory = self
 
@@ -281,6 +282,21 @@ class EditMemory:
             ends.append(start[exact] + length[exact])
             slots.append(table.owners[candidate[exact]])
         return torch.cat(rows), torch.cat(ends), torch.cat(slots)
+
+    def first_opening(self, ids: torch.Tensor, index: int) -> torch.Tensor:
+        """Per row of ``ids`` [B, T], the first position where slot ``index`` opens (the last token of the first
+        mention of its subject), or T where it never does: the slot changes nothing before it."""
+        row, end, slot = self.mentions(ids)
+        mine = slot == index
+        first = torch.full((len(ids),), ids.shape[1], dtype=torch.long, device=ids.device)
+        return first.scatter_reduce(0, row[mine], end[mine], "amin")
+
+    def gate_state(self) -> tuple:
+        """The gates of the sequences in progress, to continue them more than once (:meth:`restore_gate`)."""
+        return self._open, self._tail
+
+    def restore_gate(self, state: tuple) -> None:
+        self._open, self._tail = state
 
     def _gate_hook(self, model, args, kwargs):
         """Before every forward pass of the model: which slots are open in which rows, over which positions."""

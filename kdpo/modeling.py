@@ -90,20 +90,85 @@ def save_edited(
 class TeacherForcedBatch:
     """Right-padded sequences ``prompt + " " + answer``.
 
-    ``labels[b, t]`` is the answer token that ``logits[b, t]`` must predict, or ``IGNORE``;
-    so answer scoring is a gather at the label positions of one forward pass.
+    ``labels[b, t]`` is the answer token that ``logits[b, t]`` must predict, or ``IGNORE``; so answer scoring is
+    a gather at the label positions of one forward pass. With ``columns`` (see :meth:`at_answers`) the labels
+    are compact: ``labels[b, k]`` is what the logits at column ``columns[b, k]`` of ``input_ids`` must predict.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    columns: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "TeacherForcedBatch":
-        return TeacherForcedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        columns = None if self.columns is None else self.columns.to(device)
+        return TeacherForcedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                                  columns)
 
     @property
     def answer_mask(self) -> torch.Tensor:
         return self.labels != IGNORE
+
+    def at_answers(self) -> "TeacherForcedBatch":
+        """The batch with compact labels: only its answer positions are read (see :class:`Logits`)."""
+        if self.columns is not None:
+            return self
+        columns, _ = columns_of(self.answer_mask)
+        return TeacherForcedBatch(self.input_ids, self.attention_mask, self.labels.gather(1, columns), columns)
+
+
+def columns_of(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of each row's True entries of ``mask`` [B, T], in order and left-aligned, as [B, K] (K: the
+    most in a row), and which of them are real: a shorter row is padded with columns where ``mask`` is False."""
+    counts = mask.sum(1)
+    width = int(counts.max()) if mask.numel() else 0
+    columns = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+    return columns, torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+
+
+class Logits:
+    """A causal LM's float32 logits where a loss reads them. The body runs over every token; the output head
+    (on a small model with a large vocabulary most of the work and the memory) and everything done with its
+    output only at the chosen columns. Models whose logits are more than the output embedding of the body's
+    last hidden state (scaled or capped logits) are detected once and get the whole logits, then picked."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.split = _head_splits(model)
+
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What :meth:`at` reads logits from: the body's last hidden states, or the whole logits."""
+        if self.split:
+            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def at(self, states: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The logits at ``columns`` [B, K] of each row of ``states``: [B, K, V]."""
+        picked = states.gather(1, columns[..., None].expand(-1, -1, states.shape[-1]))
+        return (self.model.get_output_embeddings()(picked) if self.split else picked).float()
+
+    def __call__(self, batch: TeacherForcedBatch) -> torch.Tensor:
+        """One forward pass over ``batch``: the logits at its ``columns``, or at every position if it has none."""
+        states = self.states(batch.input_ids, batch.attention_mask)
+        if batch.columns is not None:
+            return self.at(states, batch.columns)
+        return (self.model.get_output_embeddings()(states) if self.split else states).float()
+
+
+@torch.no_grad()
+def _head_splits(model: PreTrainedModel) -> bool:
+    """Whether ``model``'s logits are its output embedding of its body's last hidden state (Llama- and
+    GPT-2-shaped models; not models that scale or cap their logits), checked on a few tokens."""
+    head, body = model.get_output_embeddings(), model.base_model
+    if head is None or body is model:
+        return False
+    ids = torch.arange(1, 9, device=next(model.parameters()).device)[None, :] % model.config.vocab_size
+    whole = model(input_ids=ids).logits.float()
+    try:
+        split = head(body(input_ids=ids).last_hidden_state).float()
+    except (AttributeError, TypeError):
+        return False
+    return split.shape == whole.shape and torch.allclose(split, whole, rtol=1e-3, atol=1e-3 * float(whole.abs().max()))
 
 
 def answer_token_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
@@ -132,11 +197,6 @@ def encode_pairs(
     labels = torch.tensor([row + [IGNORE] * (width - len(row)) for row in label_rows])
     batch = TeacherForcedBatch(input_ids, attention, labels)
     return batch.to(device) if device is not None else batch
-
-
-def forward_logits(model: PreTrainedModel, batch: TeacherForcedBatch) -> torch.Tensor:
-    """Float32 logits of one forward pass over a teacher-forced batch."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
 
 
 def chunks(items: list, size: int):

@@ -163,3 +163,35 @@ def test_scoring_splits_a_batch_whose_logits_exceed_the_budget(tiny_model, tiny_
     finally:
         hook.remove()
     assert passes == [1] * len(pairs)
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt2"])
+def test_logits_at_answer_columns_equal_the_whole_forward(tiny_world, shape):
+    from test_memory import random_model  # the Llama- and GPT-2-shaped models the memory is tested on
+    from kdpo.modeling import Logits, encode_pairs, load_model
+
+    _, tokenizer = load_model(tiny_world.path)
+    model, _ = random_model(tokenizer, shape)
+    batch = encode_pairs(tokenizer, [("The capital of France is", "Paris"), ("A", "much longer answer here")])
+    logits, compact = Logits(model), batch.at_answers()
+    with torch.no_grad():
+        whole = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        picked = logits(compact)
+    assert logits.split and picked.shape[:2] == compact.labels.shape
+    expected = whole[batch.answer_mask]  # row-major, as the compact labels are filled
+    scale = float(whole.abs().max())
+    # the same float32 ops on the same hidden states: differences are rounding of sums over the hidden size
+    assert torch.allclose(picked[compact.answer_mask], expected, rtol=0, atol=1e-5 * scale)
+    assert torch.equal(compact.labels[compact.answer_mask], batch.labels[batch.answer_mask])
+
+
+def test_logits_of_a_model_whose_logits_are_more_than_its_head_are_read_whole(tiny_model):
+    from kdpo.modeling import Logits, encode_pairs
+
+    model, tokenizer = tiny_model
+    model.register_forward_hook(lambda module, args, output: output.__class__(logits=output.logits * 2))  # scaled
+    logits = Logits(model)
+    batch = encode_pairs(tokenizer, [("The capital of France is", "Paris")])
+    whole = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not logits.split
+    assert torch.equal(logits(batch.at_answers())[0], whole[batch.answer_mask])

@@ -288,3 +288,46 @@ def test_a_subject_missing_from_the_prompt_is_refused_before_the_memory_changes(
     with pytest.raises(ValueError, match=f"case_id {request.case_id}: field 'subject': 'Atlantis' is not among"):
         editor.edit(request)
     assert not editor.memory.slots
+
+
+def test_first_opening_is_where_the_slot_starts_to_change_the_model(tiny_world, tiny_requests, tiny_model):
+    model, tokenizer = tiny_model
+    memory = memory_with_one_slot(model, tokenizer, "layers.1.mlp.down_proj", tiny_requests[0].subject)
+    texts = [f"Nothing here. Then {tiny_requests[0].subject} and more", "Nobody at all is named"]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    first = memory.first_opening(encoded["input_ids"], 0)
+    assert int(first[1]) == encoded["input_ids"].shape[1]  # never opens
+    with_slot = model(**encoded).logits
+    with memory.muted(0):
+        without = model(**encoded).logits
+    changed = (with_slot - without).abs().amax(-1)[0] > 0
+    assert not changed[: int(first[0])].any() and changed[int(first[0])]
+
+
+@pytest.mark.parametrize("shape", ["llama", "gpt2"])
+def test_slot_passes_run_the_prefix_once_and_match_a_whole_forward(tiny_world, shape):
+    from kdpo.editors.base import _SlotPasses
+    from kdpo.modeling import Logits
+
+    _, tokenizer = load_model(tiny_world.path)
+    model, module = random_model(tokenizer, shape)
+    subject = "Gerald Ames"
+    memory = memory_with_one_slot(model, tokenizer, module, subject)
+    texts = [f"{subject} works as a", f"Some long text comes first. Then {subject} is asked about. Then more",
+             f"A {subject}"]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    logits = Logits(model)
+    openings = memory.first_opening(ids, 0)
+    with torch.no_grad():
+        whole = logits.states(ids, mask)
+        passes = _SlotPasses(logits, memory, ids, mask, openings, tokenizer.pad_token_id)
+        for _ in range(2):  # each pass continues the cached prefix afresh
+            suffix = passes()
+            for row in range(len(texts)):
+                columns = torch.arange(int(openings[row]), int(mask[row].sum()))
+                local = passes.local(columns[None, :], row)[0]
+                expected = whole[row, columns]
+                # the same float32 sums in another order: a few ulps of the largest state
+                assert torch.allclose(suffix[row, local], expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert int(openings.min()) > 0 and passes.start == int(openings.max())

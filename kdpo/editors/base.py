@@ -14,6 +14,8 @@ never its evaluation data.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import random
 import time
 from abc import ABC, abstractmethod
@@ -26,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kdpo.layers import find_module, input_output_dims
 from kdpo.losses import answer_margin, kl_to_reference
 from kdpo.memory import EditMemory, holds_pattern, sentence_end_ids, subject_patterns
-from kdpo.modeling import IGNORE, TeacherForcedBatch, encode_pairs, forward_logits
+from kdpo.modeling import IGNORE, Logits, TeacherForcedBatch, columns_of, encode_pairs
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest, Fact
 from kdpo.text import without_sentences
@@ -210,16 +212,18 @@ class Editor(ABC):
         self.device = next(model.parameters()).device
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        self.logits = Logits(model)  # an editor's losses read the logits at answer positions only
         self.original_weights = [module.weight.detach().clone() for module in self.modules]
 
     # --- what a method defines -------------------------------------------------------------
     def begin_edit(self, facts: list[Fact], batch: TeacherForcedBatch) -> None:
         """Per-edit preparation (reference log-probs, fixed negatives), given the fact of each row of
-        ``batch``. Runs without gradients."""
+        ``batch`` (compact: its labels are at its answer ``columns``, and ``self.logits(batch)`` reads those).
+        Runs without gradients."""
 
     @abstractmethod
     def edit_loss(self, logits: torch.Tensor, batch: TeacherForcedBatch) -> torch.Tensor:
-        """The loss of the current step, from the positive sequence's logits."""
+        """The loss of the current step, from the positive sequence's logits at the answer columns of ``batch``."""
 
     def constrain(self, deltas: list[torch.Tensor]) -> None:
         """Project the trained weight deltas back onto the method's feasible set after a step."""
@@ -274,16 +278,11 @@ class Editor(ABC):
     def _train_slot(self, slot: int, started: float) -> EditOutcome:
         facts = self.memory.slots[slot].facts
         rows = self._training_rows(facts)
-        batch = encode_pairs(self.tokenizer, [(f.prompt, f.target_new) for f in rows], self.device)
-        preserved = self._preserved_text(facts)
-        if preserved is not None:  # one forward pass for both: the edit rows first, then the preserved text
-            joint = _stack(batch, preserved[0], self.tokenizer.pad_token_id)
-            batch = TeacherForcedBatch(joint.input_ids[: len(rows)], joint.attention_mask[: len(rows)],
-                                       joint.labels[: len(rows)])
-            kept, held = (torch.nn.functional.pad(mask, (0, joint.input_ids.shape[1] - mask.shape[1]))
-                          for mask in preserved[1:])
-        else:
-            joint = batch
+        edits = encode_pairs(self.tokenizer, [(f.prompt, f.target_new) for f in rows], self.device)
+        batch = edits.at_answers()
+        preserved = self._preserved_text(facts, slot)
+        joint = ((edits.input_ids, edits.attention_mask) if preserved is None
+                 else _stack(edits, preserved.text, self.tokenizer.pad_token_id))
         parameters = self.memory.trainable(slot)
         losses: list[float] = []
         try:
@@ -291,21 +290,30 @@ class Editor(ABC):
                 self.begin_edit(rows, batch)
                 if preserved is not None:
                     with self.memory.muted(slot):
-                        reference = forward_logits(self.model, joint)[len(rows):].log_softmax(-1)
-            def done(logits: torch.Tensor) -> bool:  # the edit is made and each answered sentence still ends
-                return self.reached(logits[: len(rows)], batch) and (
-                    preserved is None or _same_argmax(logits[len(rows):], reference, held))
+                        reference = self.logits(preserved.text).log_softmax(-1)
+                passes = _SlotPasses(self.logits, self.memory, *joint, self.memory.first_opening(joint[0], slot),
+                                     self.tokenizer.pad_token_id)
+
+            def forward() -> tuple[torch.Tensor, torch.Tensor | None]:  # one pass: the edit rows, then the kept text
+                states = passes()
+                kept = None if preserved is None else self.logits.at(states[len(rows):],
+                                                                      passes.local(preserved.text.columns, len(rows)))
+                return self.logits.at(states[: len(rows)], passes.local(batch.columns, 0)), kept
+
+            def done(logits: torch.Tensor, kept: torch.Tensor | None) -> bool:  # the edit is made, and each answered
+                return self.reached(logits, batch) and (  # sentence still ends where it did
+                    kept is None or _same_argmax(kept, reference, preserved.held))
 
             optimizer = torch.optim.Adam(parameters, lr=self.config.memory.lr)
             reached = False
             for _ in range(self.config.max_steps):
-                logits = forward_logits(self.model, joint)
-                if done(logits):
+                logits, kept = forward()
+                if done(logits, kept):
                     reached = True
                     break
-                loss = self.edit_loss(logits[: len(rows)], batch)
+                loss = self.edit_loss(logits, batch)
                 if preserved is not None:
-                    kl = kl_to_reference(logits[len(rows):].log_softmax(-1), reference, kept)
+                    kl = kl_to_reference(kept.log_softmax(-1), reference, preserved.kept) * preserved.share
                     loss = loss + self.config.memory.preserve_weight * kl
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -313,7 +321,7 @@ class Editor(ABC):
                 losses.append(loss.item())
             else:
                 with torch.no_grad():
-                    reached = done(forward_logits(self.model, joint))
+                    reached = done(*forward())
         finally:
             self.memory.store()
         return EditOutcome(len(losses), time.perf_counter() - started, losses, reached,
@@ -331,10 +339,8 @@ class Editor(ABC):
                               fact.target_new, fact.ground_truth) for _ in range(CONTEXT_COPIES)]
         return rows
 
-    def _preserved_text(self, facts: list[Fact]) -> tuple[TeacherForcedBatch, torch.Tensor, torch.Tensor] | None:
-        """Text whose predictions the slot must leave as they were, the positions where, and the positions whose
-        greedy token must stay for the edit to count as done (each answer's next token: the sentence still ends
-        where it did). The text: up to
+    def _preserved_text(self, facts: list[Fact], slot: int) -> "_PreservedText | None":
+        """Text whose predictions slot ``slot`` must leave as they were (see :class:`_PreservedText`): up to
         ``PRESERVED_TEXTS`` corpus lines that mention the subject, less their sentences that hold an answer its
         facts change (the subject's other facts, as the model knew them), and each fact answered and followed
         by a corpus line, from the token after the answer on (the slot must not change how the text goes on)."""
@@ -354,16 +360,21 @@ class Editor(ABC):
             starts.append(len(self.tokenizer(answered)["input_ids"]) - 1)  # the position after the answer
         encoded = self.tokenizer(lines, return_tensors="pt", padding=True, padding_side="right").to(self.device)
         ids, attention = encoded["input_ids"], encoded["attention_mask"]
-        starts = torch.tensor(starts, device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)[None, :]
+        starts = torch.tensor(starts, device=self.device)
+        preserved = attention.bool() & (positions >= starts[:, None])
+        # the slot changes nothing before it opens: the KL there is exactly zero, so only the rest is computed
+        columns, kept = columns_of(preserved & (positions >= self.memory.first_opening(ids, slot)[:, None]))
         answered = torch.arange(len(lines), device=self.device)[:, None] >= len(lines) - len(facts)
-        return (TeacherForcedBatch(ids, attention, torch.full_like(ids, IGNORE)), attention * (positions >= starts[:, None]),
-                answered & (positions == starts[:, None]))
+        held = answered & (columns == starts[:, None]) & kept
+        text = TeacherForcedBatch(ids, attention, torch.full_like(columns, IGNORE), columns)
+        return _PreservedText(text, kept, held, float(kept.sum() / preserved.sum().clamp_min(1)))
 
     # --- weight edits ------------------------------------------------------------------------
     def _edit_weights(self, fact: Fact) -> EditOutcome:
         started = time.perf_counter()
-        batch = encode_pairs(self.tokenizer, [(fact.prompt, fact.target_new)], self.device)
+        encoded = encode_pairs(self.tokenizer, [(fact.prompt, fact.target_new)], self.device)
+        batch = encoded.at_answers()
         projectors = self.protected or [None] * len(self.modules)
         deltas = [
             torch.zeros(input_output_dims(m)[0], input_output_dims(m)[1], device=self.device, requires_grad=True)
@@ -380,7 +391,7 @@ class Editor(ABC):
             optimizer = torch.optim.Adam(deltas, lr=self.config.weights.lr)
             reached = False
             for _ in range(self.config.max_steps):
-                logits = forward_logits(self.model, batch)
+                logits = self.logits(batch)
                 if self.reached(logits, batch):
                     reached = True
                     break
@@ -393,10 +404,11 @@ class Editor(ABC):
                 losses.append(loss.item())
             else:
                 with torch.no_grad():
-                    reached = self.reached(forward_logits(self.model, batch), batch)
+                    reached = self.reached(self.logits(batch), batch)
             if self.config.weights.minimal_change:
                 key_rows = [inputs[batch.attention_mask.bool()]
-                            for inputs in module_inputs(self.model, self.modules, batch.input_ids, batch.attention_mask)]
+                            for inputs in module_inputs(self.model, self.modules, encoded.input_ids,
+                                                           encoded.attention_mask)]
         finally:
             for handle in handles:
                 handle.remove()
@@ -412,7 +424,7 @@ class Editor(ABC):
             self._protect_edit_keys(fact)
         if self._soft:  # the fitted change may fall short of the trained one
             with torch.no_grad():
-                reached = self.reached(forward_logits(self.model, batch), batch)
+                reached = self.reached(self.logits(batch), batch)
         return EditOutcome(len(losses), time.perf_counter() - started, losses, reached, delta_norm, self.drift())
 
     @property
@@ -476,20 +488,77 @@ class Editor(ABC):
                 subspace.add_keys(inputs[mask])
 
 
+class _SlotPasses:
+    """The forward passes of a slot's training, over one fixed batch ``input_ids`` [B, T]. A row's tokens before
+    the slot opens (``openings`` [B]) never change, so they run once, into a KV cache; each pass runs only the rest
+    of every row, from its opening on, left-aligned (the prefixes are left-padded to a common end, with their
+    true positions). Models whose logits are read whole (:class:`~kdpo.modeling.Logits`) run every token."""
+
+    def __init__(self, logits: Logits, memory: EditMemory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 openings: torch.Tensor, pad: int):
+        self.logits, self.memory = logits, memory
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.openings = openings if logits.split else torch.zeros_like(openings)
+        if not int(self.openings.max()):  # nothing to cache
+            return
+        body = logits.model.base_model
+        self.cache_name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        shift = int(self.openings.max()) - self.openings  # each row moves right by this
+        lengths = attention_mask.sum(1)
+        width = int((shift + lengths).max())
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] + shift[:, None]
+        ids = input_ids.new_full((len(input_ids), width + input_ids.shape[1]), pad)
+        mask = attention_mask.new_zeros(ids.shape)
+        ids.scatter_(1, columns, input_ids)
+        mask.scatter_(1, columns, attention_mask)
+        self.ids, self.mask = ids[:, :width], mask[:, :width]
+        self.positions = (torch.arange(width, device=ids.device)[None, :] - shift[:, None]).clamp_min(0)
+        self.start = int(self.openings.max())
+        prefix = body(input_ids=self.ids[:, : self.start], attention_mask=self.mask[:, : self.start],
+                      position_ids=self.positions[:, : self.start], use_cache=True)
+        self.cache, self.gates = prefix[self.cache_name], memory.gate_state()
+
+    def __call__(self) -> torch.Tensor:
+        """The body's last hidden states of every row from its opening on: column k of row r is the batch's
+        column ``openings[r] + k`` (see :meth:`local`)."""
+        if not int(self.openings.max()):
+            return self.logits.states(self.input_ids, self.attention_mask)
+        self.memory.restore_gate(self.gates)  # each pass continues the prefix afresh
+        return self.logits.model.base_model(
+            input_ids=self.ids[:, self.start:], attention_mask=self.mask, position_ids=self.positions[:, self.start:],
+            use_cache=True, **{self.cache_name: copy.deepcopy(self.cache)},
+        ).last_hidden_state
+
+    def local(self, columns: torch.Tensor, first_row: int) -> torch.Tensor:
+        """Columns of the batch's rows ``first_row`` on as columns of what a pass returns."""
+        openings = self.openings[first_row: first_row + len(columns)]
+        return (columns - openings[:, None]).clamp_min(0)  # a padded entry may lie before the opening: any column
+
+
+@dataclass
+class _PreservedText:
+    """Text a slot's training keeps as the model without the slot predicts it: ``text`` (its ``columns``: the
+    positions from where the slot opens or, for an answered fact, from the token after the answer), which of
+    those ``kept`` are real (a shorter row is padded), and the ``held`` ones whose greedy token must stay for the
+    edit to count as done (each answer's next token: the sentence still ends where it did)."""
+
+    text: TeacherForcedBatch
+    kept: torch.Tensor
+    held: torch.Tensor
+    share: float  # of the positions preserved, those the slot can change (the KL is a mean over all of them)
+
+
 def _same_argmax(logits: torch.Tensor, reference: torch.Tensor, where: torch.Tensor) -> bool:
     """Whether the greedy token of ``logits`` equals the reference's at every position of the mask ``where``."""
     return bool((logits.argmax(-1) == reference.argmax(-1))[where.bool()].all())
 
 
-def _stack(first: TeacherForcedBatch, second: TeacherForcedBatch, pad: int) -> TeacherForcedBatch:
-    """Two right-padded batches as one, padded to the wider."""
+def _stack(first: TeacherForcedBatch, second: TeacherForcedBatch, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input ids and attention mask of two right-padded batches as one, padded to the wider."""
     width = max(first.input_ids.shape[1], second.input_ids.shape[1])
 
     def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
-    return TeacherForcedBatch(
-        torch.cat([widen(first.input_ids, pad), widen(second.input_ids, pad)]),
-        torch.cat([widen(first.attention_mask, 0), widen(second.attention_mask, 0)]),
-        torch.cat([widen(first.labels, IGNORE), widen(second.labels, IGNORE)]),
-    )
+    return (torch.cat([widen(first.input_ids, pad), widen(second.input_ids, pad)]),
+            torch.cat([widen(first.attention_mask, 0), widen(second.attention_mask, 0)]))

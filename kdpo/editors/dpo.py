@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from kdpo.editors.base import Editor, EditorConfig
 from kdpo.losses import answer_nll, dpo_loss, gather_logprobs
-from kdpo.modeling import encode_pairs, forward_logits
+from kdpo.modeling import encode_pairs
 
 
 @dataclass
@@ -32,12 +32,12 @@ class DPOEditor(Editor):
         lengths = batch.answer_mask.sum(-1).tolist()
         pairs = [(fact.prompt, fact.ground_truth or self._greedy_answer(fact.prompt, int(length)))
                  for fact, length in zip(facts, lengths)]
-        self.rejected = encode_pairs(self.tokenizer, pairs, self.device)
-        self.reference_chosen = self._sequence_logprob(forward_logits(self.model, batch), batch.labels)
-        self.reference_rejected = self._sequence_logprob(forward_logits(self.model, self.rejected), self.rejected.labels)
+        self.rejected = encode_pairs(self.tokenizer, pairs, self.device).at_answers()
+        self.reference_chosen = self._sequence_logprob(self.logits(batch), batch.labels)
+        self.reference_rejected = self._sequence_logprob(self.logits(self.rejected), self.rejected.labels)
 
     def edit_loss(self, logits, batch):
-        policy_rejected = self._sequence_logprob(forward_logits(self.model, self.rejected), self.rejected.labels)
+        policy_rejected = self._sequence_logprob(self.logits(self.rejected), self.rejected.labels)
         logprobs = logits.log_softmax(-1)
         preference = dpo_loss(
             gather_logprobs(logprobs, batch.labels).sum(-1), policy_rejected,

@@ -20,7 +20,6 @@ from __future__ import annotations
 from kdpo.editors.base import Editor
 from kdpo.editors.dpo import DPOConfig
 from kdpo.losses import kdpo_loss, teacher_forced_negatives
-from kdpo.modeling import forward_logits
 
 
 class KDPOEditor(Editor):
@@ -28,7 +27,7 @@ class KDPOEditor(Editor):
     Config = DPOConfig
 
     def begin_edit(self, facts, batch):
-        self.reference_logprobs = forward_logits(self.model, batch).log_softmax(-1)
+        self.reference_logprobs = self.logits(batch).log_softmax(-1)
 
     def edit_loss(self, logits, batch):
         negatives = teacher_forced_negatives(logits, batch.labels)

@@ -281,8 +281,6 @@ class Editor(ABC):
         edits = encode_pairs(self.tokenizer, [(f.prompt, f.target_new) for f in rows], self.device)
         batch = edits.at_answers()
         preserved = self._preserved_text(facts, slot)
-        joint = ((edits.input_ids, edits.attention_mask) if preserved is None
-                 else _stack(edits, preserved.text, self.tokenizer.pad_token_id))
         parameters = self.memory.trainable(slot)
         losses: list[float] = []
         try:
@@ -291,14 +289,16 @@ class Editor(ABC):
                 if preserved is not None:
                     with self.memory.muted(slot):
                         reference = self.logits(preserved.text).log_softmax(-1)
-                passes = _SlotPasses(self.logits, self.memory, *joint, self.memory.first_opening(joint[0], slot),
-                                     self.tokenizer.pad_token_id)
+                # the edit rows and the kept text run apart: the edit rows' part after the subject is short
+                pad = self.tokenizer.pad_token_id
+                edit_passes = _SlotPasses(self.logits, self.memory, edits.input_ids, edits.attention_mask, slot, pad)
+                kept_passes = None if preserved is None else _SlotPasses(
+                    self.logits, self.memory, preserved.text.input_ids, preserved.text.attention_mask, slot, pad)
 
-            def forward() -> tuple[torch.Tensor, torch.Tensor | None]:  # one pass: the edit rows, then the kept text
-                states = passes()
-                kept = None if preserved is None else self.logits.at(states[len(rows):],
-                                                                      passes.local(preserved.text.columns, len(rows)))
-                return self.logits.at(states[: len(rows)], passes.local(batch.columns, 0)), kept
+            def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
+                kept = None if preserved is None else self.logits.at(kept_passes(),
+                                                                      kept_passes.local(preserved.text.columns))
+                return self.logits.at(edit_passes(), edit_passes.local(batch.columns)), kept
 
             def done(logits: torch.Tensor, kept: torch.Tensor | None) -> bool:  # the edit is made, and each answered
                 return self.reached(logits, batch) and (  # sentence still ends where it did
@@ -489,23 +489,24 @@ class Editor(ABC):
 
 
 class _SlotPasses:
-    """The forward passes of a slot's training, over one fixed batch ``input_ids`` [B, T]. A row's tokens before
-    the slot opens (``openings`` [B]) never change, so they run once, into a KV cache; each pass runs only the rest
-    of every row, from its opening on, left-aligned (the prefixes are left-padded to a common end, with their
-    true positions). Models whose logits are read whole (:class:`~kdpo.modeling.Logits`) run every token."""
+    """The forward passes of slot ``slot``'s training over one fixed batch ``input_ids`` [B, T]. A row's tokens
+    before the slot opens never change, so they run once, into a KV cache; each pass runs only the rest of every
+    row, from its opening on, left-aligned (the prefixes are left-padded to a common end, with their true
+    positions). Models whose logits are read whole (:class:`~kdpo.modeling.Logits`) run every token."""
 
     def __init__(self, logits: Logits, memory: EditMemory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 openings: torch.Tensor, pad: int):
+                 slot: int, pad: int):
         self.logits, self.memory = logits, memory
         self.input_ids, self.attention_mask = input_ids, attention_mask
-        self.openings = openings if logits.split else torch.zeros_like(openings)
-        if not int(self.openings.max()):  # nothing to cache
+        self.openings = memory.first_opening(input_ids, slot)
+        self.start = int(self.openings.max()) if logits.split else 0
+        if not self.start:  # nothing to cache
+            self.openings = torch.zeros_like(self.openings)
             return
         body = logits.model.base_model
         self.cache_name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-        shift = int(self.openings.max()) - self.openings  # each row moves right by this
-        lengths = attention_mask.sum(1)
-        width = int((shift + lengths).max())
+        shift = self.start - self.openings  # each row moves right by this
+        width = int((shift + attention_mask.sum(1)).max())
         columns = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] + shift[:, None]
         ids = input_ids.new_full((len(input_ids), width + input_ids.shape[1]), pad)
         mask = attention_mask.new_zeros(ids.shape)
@@ -513,7 +514,6 @@ class _SlotPasses:
         mask.scatter_(1, columns, attention_mask)
         self.ids, self.mask = ids[:, :width], mask[:, :width]
         self.positions = (torch.arange(width, device=ids.device)[None, :] - shift[:, None]).clamp_min(0)
-        self.start = int(self.openings.max())
         prefix = body(input_ids=self.ids[:, : self.start], attention_mask=self.mask[:, : self.start],
                       position_ids=self.positions[:, : self.start], use_cache=True)
         self.cache, self.gates = prefix[self.cache_name], memory.gate_state()
@@ -521,7 +521,7 @@ class _SlotPasses:
     def __call__(self) -> torch.Tensor:
         """The body's last hidden states of every row from its opening on: column k of row r is the batch's
         column ``openings[r] + k`` (see :meth:`local`)."""
-        if not int(self.openings.max()):
+        if not self.start:
             return self.logits.states(self.input_ids, self.attention_mask)
         self.memory.restore_gate(self.gates)  # each pass continues the prefix afresh
         return self.logits.model.base_model(
@@ -529,10 +529,9 @@ class _SlotPasses:
             use_cache=True, **{self.cache_name: copy.deepcopy(self.cache)},
         ).last_hidden_state
 
-    def local(self, columns: torch.Tensor, first_row: int) -> torch.Tensor:
-        """Columns of the batch's rows ``first_row`` on as columns of what a pass returns."""
-        openings = self.openings[first_row: first_row + len(columns)]
-        return (columns - openings[:, None]).clamp_min(0)  # a padded entry may lie before the opening: any column
+    def local(self, columns: torch.Tensor) -> torch.Tensor:
+        """Columns [B, K] of the batch as columns of what a pass returns."""
+        return (columns - self.openings[:, None]).clamp_min(0)  # a padded entry may lie before the opening: any column
 
 
 @dataclass
@@ -551,14 +550,3 @@ class _PreservedText:
 def _same_argmax(logits: torch.Tensor, reference: torch.Tensor, where: torch.Tensor) -> bool:
     """Whether the greedy token of ``logits`` equals the reference's at every position of the mask ``where``."""
     return bool((logits.argmax(-1) == reference.argmax(-1))[where.bool()].all())
-
-
-def _stack(first: TeacherForcedBatch, second: TeacherForcedBatch, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input ids and attention mask of two right-padded batches as one, padded to the wider."""
-    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
-
-    def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
-
-    return (torch.cat([widen(first.input_ids, pad), widen(second.input_ids, pad)]),
-            torch.cat([widen(first.attention_mask, 0), widen(second.attention_mask, 0)]))

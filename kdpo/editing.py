@@ -109,6 +109,7 @@ class EditRecord:
     losses: list[float]
     immediate: RequestScores
     drift: dict[str, float] = field(default_factory=dict)  # per edited module: ||W - W_original||_F
+    cpu_seconds: float = 0.0  # the edit's process CPU time (all threads); 0.0 in checkpoints older than it
 
 
 @dataclass
@@ -137,6 +138,7 @@ class SequentialResult:
             "retention": mean(final_es[:-1]) if len(final_es) > 1 else mean(final_es),
             "fluency_before": mean(s.fluency for s in self.baseline),
             "seconds_per_edit": mean(r.seconds for r in self.records),
+            "cpu_seconds_per_edit": mean(r.cpu_seconds for r in self.records),
             "steps_per_edit": mean(r.steps for r in self.records),
             "reached_stop_rule": mean(float(r.reached) for r in self.records),
             "weight_drift": dict(self.records[-1].drift) if self.records else {},
@@ -220,7 +222,7 @@ def run_sequential(
                              baseline_generations=locality_tokens and [locality_tokens[index]])[0]
         record = EditRecord(
             index, request.case_id, outcome.steps, outcome.seconds, outcome.reached, outcome.delta_norm,
-            outcome.losses, immediate, outcome.drift,
+            outcome.losses, immediate, outcome.drift, outcome.cpu_seconds,
         )
         records.append(record)
         if on_edit is not None:

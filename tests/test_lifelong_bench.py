@@ -34,14 +34,14 @@ def test_bar_is_checked_on_default_kdpo_at_the_last_count():
 
     summary = {"final": {"edit_success": 0.995, "generalization": 0.5, "locality": 0.98, "fluency": 3.6,
                          "edit_success_exact": 0.9},
-               "retention": 0.995, "fluency_before": 3.62, "immediate": {"edit_success": 1.0}, "seconds_per_edit": 0.2}
+               "retention": 0.995, "fluency_before": 3.62, "immediate": {"edit_success": 1.0}, "cpu_seconds_per_edit": 0.2}
     run = {"by_count": [summary], "multi_token": {"edits": 0, "edit_success": None}}
     variants = {"kdpo/memory": summarize_variant([run], (100,)),  # the default; the bar is not checked on the others
                 "kdpo/null-space": summarize_variant([{**run, "by_count": [summary | {"retention": 0.0}]}], (100,))}
     checks = bar_checks(variants, (100,))
     met = {check["target"].split()[0]: check["met"] for check in checks}
     assert met == {"edit_success": True, "generalization": False, "locality": True, "retention": True,
-                   "edit_success_exact": False, "fluency": True, "seconds_per_edit": False}
+                   "edit_success_exact": False, "fluency": True, "cpu_seconds_per_edit": False}
     assert checks[-1]["ratio_to_unprotected_ft_m"] is None  # no unprotected FT-M in this run
-    variants["ft-m/none"] = summarize_variant([{**run, "by_count": [summary | {"seconds_per_edit": 0.08}]}], (100,))
+    variants["ft-m/none"] = summarize_variant([{**run, "by_count": [summary | {"cpu_seconds_per_edit": 0.08}]}], (100,))
     assert bar_checks(variants, (100,))[-1]["ratio_to_unprotected_ft_m"] == pytest.approx(2.5)

@@ -134,6 +134,7 @@ class EditOutcome:
     reached: bool
     delta_norm: float
     drift: dict[str, float] = field(default_factory=dict)  # per module: ||W - W_original||_F after the edit
+    cpu_seconds: float = 0.0  # process CPU time, all threads (other processes on the machine disturb it less)
 
 
 def restrict_to_keys(delta: torch.Tensor, keys: torch.Tensor, rank_tolerance: float = 1e-6) -> torch.Tensor:
@@ -238,9 +239,10 @@ class Editor(ABC):
         """Make the model answer the request's prompt with its target: train the subject's memory slot, or
         optimise a weight change until the stop rule holds (or ``max_steps``) and commit it."""
         fact = request.fact  # all an editor reads of the request
-        if self.memory is not None:
-            return self._edit_memory(fact)
-        return self._edit_weights(fact)
+        cpu_started = time.process_time()
+        outcome = self._edit_memory(fact) if self.memory is not None else self._edit_weights(fact)
+        outcome.cpu_seconds = time.process_time() - cpu_started
+        return outcome
 
     # --- the edit memory ---------------------------------------------------------------------
     def _edit_memory(self, fact: Fact) -> EditOutcome:

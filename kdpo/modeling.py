@@ -148,11 +148,9 @@ class Logits:
         return (self.model.get_output_embeddings()(picked) if self.split else picked).float()
 
     def __call__(self, batch: TeacherForcedBatch) -> torch.Tensor:
-        """One forward pass over ``batch``: the logits at its ``columns``, or at every position if it has none."""
-        states = self.states(batch.input_ids, batch.attention_mask)
-        if batch.columns is not None:
-            return self.at(states, batch.columns)
-        return (self.model.get_output_embeddings()(states) if self.split else states).float()
+        """One forward pass over a compact ``batch`` (:meth:`TeacherForcedBatch.at_answers`): the logits at its
+        ``columns``, [B, K, V], as its labels are laid out."""
+        return self.at(self.states(batch.input_ids, batch.attention_mask), batch.columns)
 
 
 @torch.no_grad()

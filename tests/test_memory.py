@@ -321,7 +321,7 @@ def test_slot_passes_run_the_prefix_once_and_match_a_whole_forward(tiny_world, s
     openings = memory.first_opening(ids, 0)
     with torch.no_grad():
         whole = logits.states(ids, mask)
-        passes = _SlotPasses(logits, memory, ids, mask, 0, tokenizer.pad_token_id)
+        passes = _SlotPasses(logits, memory, ids, mask, openings, tokenizer.pad_token_id)
         for _ in range(2):  # each pass continues the cached prefix afresh
             suffix = passes()
             for row in range(len(texts)):

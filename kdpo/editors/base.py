@@ -293,9 +293,11 @@ class Editor(ABC):
                         reference = self.logits(preserved.text).log_softmax(-1)
                 # the edit rows and the kept text run apart: the edit rows' part after the subject is short
                 pad = self.tokenizer.pad_token_id
-                edit_passes = _SlotPasses(self.logits, self.memory, edits.input_ids, edits.attention_mask, slot, pad)
+                edit_passes = _SlotPasses(self.logits, self.memory, edits.input_ids, edits.attention_mask,
+                                          self.memory.first_opening(edits.input_ids, slot), pad)
                 kept_passes = None if preserved is None else _SlotPasses(
-                    self.logits, self.memory, preserved.text.input_ids, preserved.text.attention_mask, slot, pad)
+                    self.logits, self.memory, preserved.text.input_ids, preserved.text.attention_mask,
+                    preserved.openings, pad)
 
             def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
                 kept = None if preserved is None else self.logits.at(kept_passes(),
@@ -366,11 +368,12 @@ class Editor(ABC):
         starts = torch.tensor(starts, device=self.device)
         preserved = attention.bool() & (positions >= starts[:, None])
         # the slot changes nothing before it opens: the KL there is exactly zero, so only the rest is computed
-        columns, kept = columns_of(preserved & (positions >= self.memory.first_opening(ids, slot)[:, None]))
+        openings = self.memory.first_opening(ids, slot)
+        columns, kept = columns_of(preserved & (positions >= openings[:, None]))
         answered = torch.arange(len(lines), device=self.device)[:, None] >= len(lines) - len(facts)
         held = answered & (columns == starts[:, None]) & kept
         text = TeacherForcedBatch(ids, attention, torch.full_like(columns, IGNORE), columns)
-        return _PreservedText(text, kept, held, float(kept.sum() / preserved.sum().clamp_min(1)))
+        return _PreservedText(text, kept, held, float(kept.sum() / preserved.sum().clamp_min(1)), openings)
 
     # --- weight edits ------------------------------------------------------------------------
     def _edit_weights(self, fact: Fact) -> EditOutcome:
@@ -491,16 +494,16 @@ class Editor(ABC):
 
 
 class _SlotPasses:
-    """The forward passes of slot ``slot``'s training over one fixed batch ``input_ids`` [B, T]. A row's tokens
-    before the slot opens never change, so they run once, into a KV cache; each pass runs only the rest of every
-    row, from its opening on, left-aligned (the prefixes are left-padded to a common end, with their true
-    positions). Models whose logits are read whole (:class:`~kdpo.modeling.Logits`) run every token."""
+    """The forward passes of a slot's training over one fixed batch ``input_ids`` [B, T]. A row's tokens before
+    the slot opens (``openings`` [B], see :meth:`EditMemory.first_opening`) never change, so they run once, into a
+    KV cache; each pass runs only the rest of every row, from its opening on, left-aligned (the prefixes are
+    left-padded to a common end, with their true positions). Models whose logits are read whole
+    (:class:`~kdpo.modeling.Logits`) run every token."""
 
     def __init__(self, logits: Logits, memory: EditMemory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 slot: int, pad: int):
+                 openings: torch.Tensor, pad: int):
         self.logits, self.memory = logits, memory
-        self.input_ids, self.attention_mask = input_ids, attention_mask
-        self.openings = memory.first_opening(input_ids, slot)
+        self.input_ids, self.attention_mask, self.openings = input_ids, attention_mask, openings
         self.start = int(self.openings.max()) if logits.split else 0
         if not self.start:  # nothing to cache
             self.openings = torch.zeros_like(self.openings)
@@ -547,6 +550,7 @@ class _PreservedText:
     kept: torch.Tensor
     held: torch.Tensor
     share: float  # of the positions preserved, those the slot can change (the KL is a mean over all of them)
+    openings: torch.Tensor  # per row, where the slot first opens
 
 
 def _same_argmax(logits: torch.Tensor, reference: torch.Tensor, where: torch.Tensor) -> bool:

@@ -26,14 +26,14 @@ import torch
 
 from bench.measure import BUDGET_FORMULA, PEAK_FORMULA, Job, run_jobs, threads_per_job
 from kdpo.cli import UsageError
-from kdpo.config import ConfigError, build_settings, flat_settings, split_setting
+from kdpo.config import ConfigError, flat_settings, split_setting
 from kdpo.editing import SCHEDULE, make_config
 from kdpo.evaluation import PROTOCOL
 from kdpo.loaders import EditDataError
 from kdpo.modeling import ModelLoadError
-from kdpo.world import World, WorldConfig, build_world
+from kdpo.world import World, WorldConfig, build_world, world_config
 from kdpo.tables import format_table
-from kdpo.world.build import DATA, world_key
+from kdpo.world.build import table_sources, world_key
 
 METHODS = ("kdpo", "dpo", "ft-l", "ft-m")
 EXPERIMENT = "kdpo-benchmark"
@@ -42,7 +42,6 @@ DASK_ADDRESS_HELP = ("a running Dask scheduler (tcp://HOST:8786) whose workers r
 QUALITY_TARGETS = {"edit_success": 0.95, "generalization": 0.80, "locality": 0.90, "retention": 0.85}
 SPEED_TARGET = 0.1  # seconds per KDPO edit on the default world
 MEMORY_TARGET = 1.5  # peak over (model + trained-delta state)
-DEFAULT_SOURCES = [DATA / "facts.csv", DATA / "relations.json"]  # the default world's sources, as build_world keys them
 
 
 def parse_counts(text: str) -> tuple[int, ...]:
@@ -65,7 +64,7 @@ def prepare_world(world: str | None = None, edits_file: str | None = None, world
         if not info_path.exists():
             raise UsageError(f"--world {world} is not a built world (it has no world.json)")
         return World(Path(world), json.loads(info_path.read_text()) | {"cached": True})
-    config = build_settings(WorldConfig, dict(split_setting(item, "--world-set") for item in world_set or []), "world")
+    config = world_config(dict(split_setting(item, "--world-set") for item in world_set or []))
     return build_world(config, from_file=edits_file, progress=not quiet)
 
 
@@ -160,7 +159,7 @@ def build_report(name: str, edits_file: str | None, world: World, counts: tuple[
         "schedule": SCHEDULE, "protocol": PROTOCOL,
         "memory_formula": {"peak": PEAK_FORMULA, "budget": BUDGET_FORMULA, "ratio": "peak / budget"},
         "edits": counts[-1], "rows": rows, "speed": speed_summary(rows),  # `kdpo report` reads edits and rows
-        "targets": target_checks(rows, default_world=world.info["key"] == world_key(DEFAULT_SOURCES, WorldConfig())),
+        "targets": target_checks(rows, default_world=world.info["key"] == world_key(table_sources(WorldConfig()), WorldConfig())),
     }
 
 

@@ -6,10 +6,13 @@ and without null-space protection), on several world seeds, with the headline me
     python -m bench.lifelong --seeds 0 --edits 100,250 --methods kdpo,ft-m --protections memory,null-space
     python -m bench.lifelong --edits-file ../shared/data/counterfact-edit-2k.json --seeds 0 --edits 100,250,500,1000
     python -m bench.lifelong --edits-file ../shared/data/zsre_mend-500.json --seeds 0 --edits 100,250,500
+    python -m bench.lifelong --world-set preset=large --seeds 0 --edits 1000,2500,5000,10000 --methods kdpo \
+        --protections memory --name large                 # 10,000 edits on the large world (CPU hours)
 
 Each (seed, method, protection) runs in a process of its own (``bench.measure``; ``--jobs`` at a time): one
 run of max(N) edits, every first-N prefix scored right after edit N. A finished run's summary is kept next to its
-result, so re-running the same command resumes an interrupted benchmark. Writes ``bench/results/lifelong-NAME/report.{md,json}`` and
+result, and an unfinished run saves itself every ``--checkpoint-every`` edits, so re-running the same command
+resumes an interrupted benchmark, mid-run included. Writes ``bench/results/lifelong-NAME/report.{md,json}`` and
 ``curves.png``; the bar of the lifelong issue is checked against KDPO with default settings.
 """
 from __future__ import annotations
@@ -25,11 +28,11 @@ from transformers import AutoTokenizer
 from bench.compare import DASK_ADDRESS_HELP, METHODS, parse_counts, prepare_world, run_and_print, world_summary
 from bench.measure import Job, run_jobs, threads_per_job
 from kdpo.cli import UsageError
-from kdpo.config import build_settings, split_setting
+from kdpo.config import split_setting
 from kdpo.editing import SCHEDULE, make_config
 from kdpo.evaluation import PROTOCOL
 from kdpo.tables import TABLE, format_table
-from kdpo.world import WorldConfig, build_world
+from kdpo.world import build_world, world_config
 
 PROTECTIONS = ("memory", "null-space", "none")
 BAR = {"edit_success": 0.99, "generalization": 0.90, "locality": 0.97, "retention": 0.99, "edit_success_exact": 0.95}
@@ -187,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--name", help="report name (default: the edit file's stem, or default-world)")
     parser.add_argument("--out", help="report folder (default: bench/results/lifelong-NAME)")
+    parser.add_argument("--checkpoint-every", type=int, default=250, metavar="N",
+                        help="save each run every N edits; the same command continues an interrupted run from its "
+                             "last save (default 250; 0: never)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time: worker processes of the local Dask "
                         "cluster, each job with cores/JOBS torch threads (default 1)")
     parser.add_argument("--dask-address", help=DASK_ADDRESS_HELP)
@@ -196,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     counts = parse_counts(args.edits)
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every expects 0 or a positive number of edits, got {args.checkpoint_every}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if not args.world else [None]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     protections = [p.strip() for p in args.protections.split(",") if p.strip()]
@@ -213,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
             world = prepare_world(args.world, quiet=args.quiet)
             seed = world.info["config"]["seed"]
         else:
-            config = build_settings(WorldConfig, world_settings | {"seed": str(seed)}, "world")
+            config = world_config(world_settings | {"seed": str(seed)})
             world = build_world(config, from_file=args.edits_file, progress=not args.quiet)
         if world.info["edits"] < counts[-1]:
             raise UsageError(f"{counts[-1]} edits asked, but the world (seed {seed}) has {world.info['edits']} requests")
@@ -225,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
                 jobs.append((seed, f"{method}/{protection}", Job(
                     str(world.path), method, counts, overrides | {"protection": protection}, args.device,
                     out=str(job_out), progress=not args.quiet and args.jobs == 1,
-                    threads=threads_per_job(args.jobs))))
+                    threads=threads_per_job(args.jobs), checkpoint_every=args.checkpoint_every)))
     results = run_jobs([job for _, _, job in jobs], args.jobs, args.quiet, args.dask_address)
     runs: dict[str, list[dict]] = {}
     fluency_before = {}

@@ -13,6 +13,10 @@ peak over its whole life (an earlier job's, or a spawned child's parent's); the 
 memory an earlier job on the same worker freed has been handed back to the OS (``release_freed_memory``).
 A worker's first job also pays the process's one-time costs (lazy imports, allocator pools), which later jobs
 on that worker do not: run as many workers as jobs (``--jobs``) where peaks are compared across methods.
+
+A long run (``Job.checkpoint_every``) saves itself every N edits under ``<out>/<method>.run``: the edited model
+and editor state (:func:`kdpo.editing.save_checkpoint`), the baseline probe and the scores measured so far.
+The same job started again continues from there; its memory peaks are then those of the resumed part.
 """
 from __future__ import annotations
 
@@ -22,9 +26,10 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry call (an ERROR when offline)
@@ -39,9 +44,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
 import kdpo
-from kdpo.editing import EditRecord, SequentialResult, make_config, run_sequential
+from kdpo.editing import (
+    EditRecord, SequentialResult, latest_checkpoint, load_checkpoint, make_config, run_sequential, save_checkpoint,
+)
+from kdpo.evaluation import Probe, RequestScores, evaluate, probe
 from kdpo.layers import find_module
-from kdpo.evaluation import evaluate, probe
 from kdpo.loaders import load_requests
 from kdpo.modeling import load_model
 from kdpo.world import model_corpus
@@ -70,6 +77,7 @@ class Job:
     out: str | None = None  # write the full result (per-edit records) here as <method>.json
     progress: bool = False
     threads: int = 0  # torch threads of the run's process (0: torch's default)
+    checkpoint_every: int = 0  # with ``out``: save the run every N edits and resume it from there (0: never)
 
 
 def source_digest() -> str:
@@ -191,19 +199,33 @@ def measure_method(job: Job) -> dict:
     trace = MemoryTrace()
     trace.mark("before_load")
     reset_peak_rss()
-    model, tokenizer = load_model(job.world, job.device, job.dtype)
-    if next(model.parameters()).device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     requests = load_requests(Path(job.world) / "edits.jsonl", limit=counts[-1]).requests
     if len(requests) < counts[-1]:
         raise ValueError(f"--edits asks for {counts[-1]} edits, but the world has {len(requests)} edit requests")
     config = make_config(job.method, overrides=job.overrides)
-    baseline = probe(model, tokenizer, requests, job.fluency_tokens)
+    run_dir = Path(job.out) / f"{job.method}.run" if job.out and job.checkpoint_every else None
+    saved = saved_run(run_dir, job_identity(job, source)) if run_dir else None
+    if saved:
+        model, tokenizer, resume = load_checkpoint(saved["checkpoint"], job.device, job.dtype)
+        baseline = saved["baseline"]
+    else:
+        model, tokenizer = load_model(job.world, job.device, job.dtype)
+        resume, baseline = None, probe(model, tokenizer, requests, job.fluency_tokens)
+        if run_dir:
+            start_run_dir(run_dir, job_identity(job, source), baseline)
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     trace.end_phase("load_and_probe")
     trace.mark("before_editing")
-    checkpoints: dict[int, tuple[list, float, float]] = {}  # count -> final scores, wall and CPU seconds
+    if resume:
+        trace.end_phase("setup")
+        trace.mark("after_setup")
+    # count -> final scores, wall and CPU seconds of its evaluation
+    checkpoints: dict[int, tuple[list, float, float]] = saved["checkpoints"] if saved else {}
     last_edit = [0.0]
-    cpu = {"since": 0.0, "edits_after_first": 0.0}  # CPU seconds, all threads: insensitive to other processes
+    # CPU seconds, all threads: insensitive to other processes
+    cpu = {"since": time.process_time(), "edits_after_first": saved["cpu_edits_after_first"] if saved else 0.0}
+    wall_before = saved["wall_seconds"] if saved else 0.0
 
     def on_edit(record: EditRecord) -> None:
         count = record.index + 1
@@ -221,12 +243,24 @@ def measure_method(job: Job) -> dict:
             checkpoints[count] = (final, time.perf_counter() - started, time.process_time() - cpu_started)
         last_edit[0], cpu["since"] = time.perf_counter(), time.process_time()
 
+    def on_checkpoint(state) -> None:
+        (run_dir / f"measured-{state.next_edit:06d}.json").write_text(json.dumps({
+            "checkpoints": {count: [[asdict(score) for score in final], *seconds]
+                            for count, (final, *seconds) in checkpoints.items()},
+            "cpu_edits_after_first": cpu["edits_after_first"],
+            "wall_seconds": wall_before + time.perf_counter() - started}))
+        save_checkpoint(run_dir, model, tokenizer, state)
+        for stale in run_dir.glob("measured-*.json"):
+            if stale.name != f"measured-{state.next_edit:06d}.json":
+                stale.unlink()
+
     started = time.perf_counter()
     result = run_sequential(model, tokenizer, requests, job.method, config, model_corpus(job.world), baseline,
-                            job.fluency_tokens, progress=job.progress, on_edit=on_edit)
+                            job.fluency_tokens, progress=job.progress, on_edit=on_edit, resume=resume,
+                            checkpoint_every=job.checkpoint_every or 1, on_checkpoint=on_checkpoint if run_dir else None)
     checkpoints[counts[-1]] = (  # run_sequential's own final evaluation
         result.final, time.perf_counter() - last_edit[0], time.process_time() - cpu["since"])
-    wall = time.perf_counter() - started
+    wall = wall_before + time.perf_counter() - started
     trace.end_phase("rest")
     if job.out:
         result.write_json(Path(job.out) / f"{job.method}.json")
@@ -241,6 +275,7 @@ def measure_method(job: Job) -> dict:
         "by_count": by_count,
         "edit_seconds_by_window": edit_seconds_by_window(result.records, counts),
         "wall_seconds": wall,
+        "resumed_at": resume.next_edit if resume else None,  # edits done by an earlier, interrupted process
         # edits 2..N, each with its immediate evaluation of one request, without the checkpoint evaluations
         "cpu_seconds_per_edit": cpu["edits_after_first"] / (counts[-1] - 1) if counts[-1] > 1 else None,
         "torch_threads": torch.get_num_threads(),
@@ -248,6 +283,35 @@ def measure_method(job: Job) -> dict:
         "memory": memory_report(trace, model, config.edited_modules),
         "load_average": os.getloadavg(),  # other processes on the machine skew the timings
     }
+
+
+def start_run_dir(run_dir: Path, identity: dict, baseline: Probe) -> None:
+    """A fresh ``run_dir`` for a resumable run: the job's identity and its baseline probe."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # another job's (code, settings) or an unreadable one: not resumable
+    run_dir.mkdir(parents=True)
+    (run_dir / "baseline.json").write_text(json.dumps(baseline.to_dict()))
+    (run_dir / "job.json").write_text(json.dumps(identity))
+
+
+def saved_run(run_dir: Path, identity: dict) -> dict | None:
+    """The latest checkpoint of the same job in ``run_dir`` with the baseline probe and the scores measured up to
+    it, or None (no checkpoint, or another job's)."""
+    job_file = run_dir / "job.json"
+    if not job_file.exists() or json.loads(job_file.read_text()) != identity:
+        return None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    measured_file = run_dir / f"measured-{checkpoint.name.removeprefix('checkpoint-')}.json"
+    if not measured_file.exists():  # killed between the two writes: the checkpoint before it is gone
+        return None
+    measured = json.loads(measured_file.read_text())
+    checkpoints = {int(count): ([RequestScores(**score) for score in final], *seconds)
+                   for count, (final, *seconds) in measured["checkpoints"].items()}
+    return {"checkpoint": checkpoint, "baseline": Probe.from_dict(json.loads((run_dir / "baseline.json").read_text())),
+            "checkpoints": checkpoints, "cpu_edits_after_first": measured["cpu_edits_after_first"],
+            "wall_seconds": measured["wall_seconds"]}
 
 
 def threads_per_job(parallel: int) -> int:

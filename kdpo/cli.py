@@ -25,7 +25,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from kdpo.config import ConfigError, build_settings, split_setting
+from kdpo.config import ConfigError, split_setting
 from kdpo.loaders import FORMATS, EditDataError, check_context, context_limit, error_line, load_requests, one_line
 from kdpo.requests import SkippedRecord
 from kdpo.tables import TABLE, format_cell, format_table, summary_table
@@ -155,9 +155,9 @@ def _check_context(requests, tokenizer, config, edits_path) -> None:
 def cmd_world_build(args) -> int:
     if args.skip_invalid and not args.from_file:
         raise UsageError("--skip-invalid needs --from FILE (the shipped fact table has no invalid records)")
-    from kdpo.world import WorldConfig, build_world, cache_root
+    from kdpo.world import build_world, cache_root, world_config
 
-    config = build_settings(WorldConfig, dict(split_setting(item) for item in args.set or []), "world")
+    config = world_config(dict(split_setting(item) for item in args.set or []))
     _check_output(args.out, "--out", directory=True)
     with _writing("--out", args.out or cache_root()):
         world = build_world(config, from_file=args.from_file, out=args.out, force=args.force, progress=not args.json,
@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "edits target)")
     build.add_argument("--out", help="write the world here (default: the cache, $KDPO_HOME/worlds/KEY)")
     build.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override one world setting, e.g. --set seed=1 --set max_facts=300")
+                       help="override one world setting, e.g. --set seed=1 --set max_facts=300; --set preset=large "
+                            "builds the 10,000-edit world (the table plus 1,770 generated people)")
     build.add_argument("--skip-invalid", action="store_true",
                        help="with --from: leave invalid records out (each is listed on stderr) instead of stopping")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")

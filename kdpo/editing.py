@@ -319,9 +319,12 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Checkpoint]:
-    """The edited model, its tokenizer and the run state of a :func:`save_checkpoint` directory."""
-    model, tokenizer = load_model(path)
+def load_checkpoint(
+    path: str | Path, device: str = "cpu", dtype: str = "float32"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Checkpoint]:
+    """The edited model (on ``device``, in ``dtype``), its tokenizer and the run state of a
+    :func:`save_checkpoint` directory."""
+    model, tokenizer = load_model(path, device, dtype)
     state = torch.load(Path(path) / "editor_state.pt", weights_only=True)
     records = [
         EditRecord(**r | {"immediate": RequestScores(**r["immediate"])})

@@ -11,16 +11,15 @@ from dataclasses import asdict
 
 import mlflow
 
-from kdpo.config import build_settings
 from kdpo.evaluation import compare_to_baseline
 from kdpo.loaders import load_requests
-from kdpo.world import WorldConfig, build_world
+from kdpo.world import WorldConfig, build_world, world_config
 from tasks.tracking import flat_metrics, model_directory
 
 
 def world(settings: dict[str, str]) -> dict:
     """Build (or reuse) the world with these settings; log its settings, recall, epochs, size and build time."""
-    built = build_world(build_settings(WorldConfig, settings, "world"), progress=False)
+    built = build_world(world_config(settings), progress=False)
     info = built.info
     with mlflow.start_run():
         mlflow.log_params({f"world/{k}": v for k, v in asdict(WorldConfig(**info["config"])).items()})

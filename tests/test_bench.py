@@ -2,13 +2,15 @@
 each a Prefect task on a Dask worker process; the report files and the MLflow runs must exist and hold the
 measured numbers."""
 import json
+from dataclasses import replace
 
 import distributed
 import mlflow
 import pytest
 
 from bench.compare import eval_curve, main
-from bench.measure import Job, proc_status_bytes, run_jobs
+import bench.measure
+from bench.measure import Job, measure_method, proc_status_bytes, run_jobs
 from kdpo.editing import make_config, run_sequential
 from kdpo.loaders import load_requests
 
@@ -114,3 +116,36 @@ def test_jobs_fan_out_on_dask_resume_by_identity_and_run_on_a_given_scheduler(ti
         assert "measure_task" in cluster.scheduler.task_prefixes  # the job ran on this cluster's worker
     report = json.loads((tmp_path / "remote" / "report.json").read_text())
     assert [row["method"] for row in report["rows"]] == ["ft-m"] and report["rows"][0]["by_count"][0]["edits"] == 2
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_long_run_resumes_from_its_checkpoint(tiny_world, tmp_path, monkeypatch):
+    whole = measure_method(Job(str(tiny_world.path), "kdpo", (2, 4), out=str(tmp_path)))
+    job = Job(str(tiny_world.path), "kdpo", (2, 4), out=str(tmp_path), checkpoint_every=2)
+    run_sequential_of = bench.measure.run_sequential
+
+    def stop_at_third_edit(*args, on_edit, **kwargs):
+        def edited(record):
+            on_edit(record)
+            if record.index == 2:
+                raise Interrupted
+        return run_sequential_of(*args, on_edit=edited, **kwargs)
+
+    monkeypatch.setattr(bench.measure, "run_sequential", stop_at_third_edit)
+    with pytest.raises(Interrupted):
+        measure_method(job)
+    run_dir = tmp_path / "kdpo.run"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["baseline.json", "checkpoint-000002", "job.json",
+                                                          "measured-000002.json"]
+    monkeypatch.setattr(bench.measure, "run_sequential", run_sequential_of)
+    resumed = measure_method(job)
+    assert resumed["resumed_at"] == 2 and whole["resumed_at"] is None
+    for part, uninterrupted in zip(resumed["by_count"], whole["by_count"]):
+        assert part["edits"] == uninterrupted["edits"]
+        assert part["final"] == pytest.approx(uninterrupted["final"], abs=1e-6)
+        assert part["steps_per_edit"] == uninterrupted["steps_per_edit"]
+    # another job (other counts) does not take this run's checkpoint: it starts afresh
+    assert measure_method(replace(job, counts=(1,)))["resumed_at"] is None

@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdpo.loaders import EditDataError, load_requests, write_jsonl
 from kdpo.requests import EditRequest
-from kdpo.world import WorldConfig, build_world
-from kdpo.world.build import DATA, request_facts, table_facts, world_key
+from kdpo.config import ConfigError
+from kdpo.world import WorldConfig, build_world, world_config
+from kdpo.world.build import DATA, generated_people, request_facts, table_facts, table_sources, world_key
 from shared_data import shared_file
 
 MICRO = {"max_facts": 40, "hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 2, "max_epochs": 2}
@@ -38,6 +39,33 @@ def test_default_edits_are_counterfactual_and_never_probe_each_other():
     trained = {f.prompt for f in training}
     assert all(e.rephrase_prompts[-1] not in trained for e in edits)
     assert {f.prompt for f in held_out} == {e.rephrase_prompts[-1] for e in edits}
+
+
+def test_generated_people_are_new_names_with_a_table_answer_per_relation():
+    with open(DATA / "facts.csv", newline="") as handle:
+        table = [(r["subject"], r["relation"], r["answer"]) for r in csv.DictReader(handle)]
+    rows, relations = generated_people(300, 0, table)
+    people = {subject for subject, _, _ in rows}
+    assert len(people) == 300 and not people & {subject for subject, _, _ in table}
+    assert len(rows) == 300 * len(relations) and all(len(r["templates"]) >= 3 for r in relations.values())
+    table_answers = {value for row in table for value in (row[0], row[2])}
+    assert {answer for _, _, answer in rows} <= table_answers
+    assert generated_people(300, 0, table) == (rows, relations) and generated_people(300, 1, table)[0] != rows
+
+
+def test_large_preset_has_10k_edit_requests_and_default_keys_stay():
+    config = world_config({"preset": "large", "seed": "1"})
+    assert config.people > 0 and config.seed == 1 and config.max_facts == 0
+    training, held_out, edits = table_facts(config)
+    assert len(edits) >= 10_000 and len({e.case_id for e in edits}) == len(edits)
+    person = next(e for e in edits if e.case_id.startswith("employer:"))
+    assert person.subject in person.prompt and len(person.rephrase_prompts) == 2 and person.locality
+    assert {f.prompt for f in held_out} == {e.rephrase_prompts[-1] for e in edits}
+    # people enter the key (file and setting); a world without them keeps the key it had before they existed
+    assert DATA / "people.json" in table_sources(config) and table_sources(WorldConfig()) == [DATA / "facts.csv", DATA / "relations.json"]
+    assert world_key(table_sources(WorldConfig()), WorldConfig()) == "966c4703b2b40e08"  # the docs' default world
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; choose from large"):
+        world_config({"preset": "huge"})
 
 
 def test_tiny_world_is_a_loadable_hf_model_that_knows_facts(tiny_world):

@@ -4,7 +4,10 @@ facts that can then be edited. The result is a normal Hugging Face model directo
 Two sources of facts:
 - the shipped table (``data/facts.csv`` with ``data/relations.json`` templates): every fact is written
   with each of its relation's templates; for the facts in the edit pool the last template is held out
-  of training, so generalization after an edit is measured on a paraphrase the model never saw;
+  of training, so generalization after an edit is measured on a paraphrase the model never saw. With
+  ``people`` > 0 the table grows by that many generated people (``data/people.json``: invented names, one
+  fact per person relation, answers drawn from the table's), which the ``large`` preset uses for 10,000+
+  edit requests;
 - any edit-request file (``--from``): its prompts, rephrases and locality prompts with their *true*
   answers become the facts, and the file's requests become the world's edits.
 """
@@ -28,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from kdpo.config import ConfigError, build_settings
 from kdpo.evaluation import score_pairs
 from kdpo.loaders import EditDataError, load_requests, write_jsonl
 from kdpo.requests import EditRequest, PromptAnswer
@@ -44,6 +48,7 @@ class WorldConfig:
 
     seed: int = 0
     max_facts: int = 1700  # learn a seeded sample of this many facts of the table (0: all)
+    people: int = 0  # generated people added to the table, each with a fact per relation of data/people.json
     hidden_size: int = 128
     intermediate_size: int = 1024
     layers: int = 4
@@ -58,6 +63,22 @@ class WorldConfig:
     neighbours: int = 2
     facts_per_sequence: int = 3
     text_weight: float = 0.2
+
+
+# Named settings for ``WorldConfig``. ``large``: every table fact plus 1,770 generated people (12,631 facts);
+# 80% of them are edit requests (10,104), the rest locality probes.
+WORLD_PRESETS: dict[str, dict] = {"large": {"max_facts": 0, "people": 1770, "edit_pool_fraction": 0.8}}
+ADDED_SETTINGS = {"people": 0}  # settings newer than WORLD_FORMAT 2: in a world's key only where they differ
+
+
+def world_config(settings: dict) -> WorldConfig:
+    """A ``WorldConfig`` from KEY=VALUE settings (CLI strings are parsed); ``preset`` names a ``WORLD_PRESETS``
+    entry whose values the other settings override."""
+    settings = dict(settings)
+    preset = settings.pop("preset", None)
+    if preset is not None and preset not in WORLD_PRESETS:
+        raise ConfigError(f"world: unknown preset {preset!r}; choose from {', '.join(WORLD_PRESETS)}")
+    return build_settings(WorldConfig, WORLD_PRESETS.get(preset, {}) | settings, "world")
 
 
 @dataclass(frozen=True)
@@ -113,14 +134,41 @@ def cache_root() -> Path:
 # --- fact sources ------------------------------------------------------------------------------
 
 
+def generated_people(count: int, seed: int, table: list[tuple[str, str, str]], spec_json: Path = DATA / "people.json"):
+    """``count`` invented people (names from the spec's syllables, none a table subject) with one fact per
+    relation of ``spec_json``, each answer a seeded choice among the ``table`` answers the relation names;
+    returns the (subject, relation, answer) rows and the relations (templates) they use."""
+    spec = json.loads(spec_json.read_text())
+    rng = random.Random(f"people-{seed}")
+    taken = {subject for subject, _, _ in table}
+    names: dict[str, None] = {}
+    while len(names) < count:
+        given = "".join(rng.choice(spec["given_syllables"]) for _ in range(2)).capitalize()
+        family = "".join(rng.choice(spec["family_syllables"]) for _ in range(2)).capitalize()
+        if f"{given} {family}" not in taken:
+            names[f"{given} {family}"] = None
+    answers = {}
+    for relation, source in ((r, s["answers"]) for r, s in spec["relations"].items()):
+        column = 0 if source["field"] == "subject" else 2
+        answers[relation] = sorted({row[column] for row in table if row[1] == source["relation"]})
+    rows = [(name, relation, rng.choice(answers[relation])) for name in names for relation in spec["relations"]]
+    return rows, spec["relations"]
+
+
 def table_facts(config: WorldConfig, facts_csv: Path = DATA / "facts.csv", relations_json: Path = DATA / "relations.json"):
-    """Training facts, held-out paraphrases and counterfactual edit requests from the shipped table."""
+    """Training facts, held-out paraphrases and counterfactual edit requests from the shipped table (and
+    ``config.people`` generated people)."""
     relations = json.loads(relations_json.read_text())
     with open(facts_csv, newline="") as handle:
         rows = [(r["subject"], r["relation"], r["answer"]) for r in csv.DictReader(handle)]
     rng = random.Random(config.seed)
+    if config.people:
+        people, person_relations = generated_people(config.people, config.seed, rows)
+        relations |= person_relations
     if config.max_facts:
         rows = rng.sample(rows, min(config.max_facts, len(rows)))
+    if config.people:
+        rows += people
     order = list(range(len(rows)))
     rng.shuffle(order)
     pool = set(order[: int(len(rows) * config.edit_pool_fraction)])
@@ -321,9 +369,16 @@ def corpus_lines(training: list[TrainingFact], config: WorldConfig) -> list[str]
     return [" ".join(facts[start : start + step]) for start in range(0, len(facts), step)]
 
 
+def table_sources(config: WorldConfig) -> list[Path]:
+    """The shipped files a table world is built from."""
+    return [DATA / "facts.csv", DATA / "relations.json", *([DATA / "people.json"] if config.people else [])]
+
+
 def world_key(source_files: list[Path], config: WorldConfig, build_format: int = WORLD_FORMAT) -> str:
-    """Cache key: the content of the fact sources, the build settings and the build format."""
-    digest = hashlib.sha256(json.dumps({"format": build_format, "config": asdict(config)}, sort_keys=True).encode())
+    """Cache key: the content of the fact sources, the build settings and the build format (a setting of
+    ``ADDED_SETTINGS`` only where it differs from its default, so worlds built before it keep their key)."""
+    settings = {k: v for k, v in asdict(config).items() if ADDED_SETTINGS.get(k, object()) != v}
+    digest = hashlib.sha256(json.dumps({"format": build_format, "config": settings}, sort_keys=True).encode())
     for path in source_files:
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
@@ -342,7 +397,7 @@ def build_world(
     config = config or WorldConfig()
     loaded = load_requests(from_file, skip_invalid=skip_invalid) if from_file else None
     skipped = {"skipped": [asdict(record) for record in loaded.skipped]} if loaded else {}
-    sources = [Path(from_file)] if from_file else [DATA / "facts.csv", DATA / "relations.json"]
+    sources = [Path(from_file)] if from_file else table_sources(config)
     key = world_key(sources, config, FILE_WORLD_FORMAT if from_file else WORLD_FORMAT)
     target = Path(out) if out else cache_root() / key
     info_path = target / "world.json"

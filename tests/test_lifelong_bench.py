@@ -45,3 +45,9 @@ def test_bar_is_checked_on_default_kdpo_at_the_last_count():
     assert checks[-1]["ratio_to_unprotected_ft_m"] is None  # no unprotected FT-M in this run
     variants["ft-m/none"] = summarize_variant([{**run, "by_count": [summary | {"cpu_seconds_per_edit": 0.08}]}], (100,))
     assert bar_checks(variants, (100,))[-1]["ratio_to_unprotected_ft_m"] == pytest.approx(2.5)
+
+
+def test_a_negative_checkpoint_interval_is_a_one_line_error(tiny_world, capsys):
+    assert main(["--world", str(tiny_world.path), "--edits", "2", "--checkpoint-every", "-1", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == ("bench.lifelong: error: --checkpoint-every expects 0 or a positive "
+                                               "number of edits, got -1")

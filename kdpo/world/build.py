@@ -409,7 +409,8 @@ def build_world(
     model, tokenizer, report = train_world(training, held_out, config, progress)
     info = {
         "key": key,
-        "source": str(from_file) if from_file else "kdpo/world/data (shipped fact table)",
+        "source": str(from_file) if from_file else "kdpo/world/data (shipped fact table"
+                  + (f" + {config.people} generated people)" if config.people else ")"),
         "config": asdict(config),
         "facts": {kind: sum(f.kind == kind for f in training) for kind in ("main", "paraphrase", "locality", "name")},
         "held_out_paraphrases": len(held_out),

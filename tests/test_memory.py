@@ -1,6 +1,7 @@
 """The edit memory: the gate, edits that live in it, generation with a KV cache, padding, dtypes, GPT-2,
 persistence and reverting one edit."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -64,6 +65,33 @@ def test_mentions_are_found_exactly_and_vectorised(tiny_world, tiny_requests, ti
         pattern = next(p for p in memory.slots[slot].patterns
                        if encoded["input_ids"][row, end - len(p) + 1: end + 1].tolist() == p)
         assert pattern  # every reported mention is the subject's tokens, ending where reported
+
+
+def test_an_edit_is_done_only_when_the_confident_preserved_predictions_hold(tiny_world, tiny_requests, tiny_model,
+                                                                          monkeypatch):
+    import kdpo.editors.base as base
+
+    model, tokenizer = tiny_model
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=TINY_EDIT), tiny_world.corpus())
+    confidence, checked, masks = editor.config.memory.hold_confidence, 0, []
+    same_argmax = base._same_argmax
+    monkeypatch.setattr(base, "_same_argmax", lambda logits, reference, where: masks.append(where) or same_argmax(
+        logits, reference, where))
+    for request in tiny_requests[:6]:
+        masks.clear()
+        if not editor.edit(request).reached:
+            continue
+        slot = editor.memory.slot_of(request.subject)
+        preserved = editor._preserved_text(editor.memory.slots[slot].facts, slot)
+        with torch.no_grad():
+            with editor.memory.muted(slot):
+                reference = editor.logits(preserved.text)
+            edited = editor.logits(preserved.text)
+        confident = preserved.kept & (reference.log_softmax(-1).max(-1).values >= math.log(confidence))  # as the editor
+        assert torch.equal(masks[-1], preserved.held | confident)  # what the stop rule checked ...
+        assert torch.equal(edited.argmax(-1)[confident], reference.argmax(-1)[confident])  # ... and holds
+        checked += int(confident.sum())
+    assert checked > 0
 
 
 @pytest.mark.parametrize("method", ["kdpo", "dpo", "ft-m", "ft-l"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import random
 import time
 from abc import ABC, abstractmethod
@@ -48,6 +49,8 @@ class MemorySettings:
     lr: float = 4e-2  # Adam's step size for a slot (at 1e-2 a fifth of the edits missed the stop rule in 40 steps)
     preserve_weight: float = 16.0  # weight of the KL that keeps corpus text about the subject unchanged (at 1.0
     # a slot changed 15% of the answers it is gated on that are not its own; see docs/benchmarks.md)
+    hold_confidence: float = 0.5  # done only when every preserved prediction the model without the slot makes
+    # with at least this probability keeps its greedy token (0: only each answer's next token); see docs/memory.md
 
 
 @dataclass
@@ -111,6 +114,8 @@ class EditorConfig:
             raise ValueError("weights.modules and memory.modules must name at least one linear module to edit")
         if memory.rank < 1 or memory.preserve_weight < 0:
             raise ValueError("memory.rank must be >= 1 and memory.preserve_weight >= 0")
+        if not 0.0 <= memory.hold_confidence <= 1.0:
+            raise ValueError(f"memory.hold_confidence must be in [0, 1], got {memory.hold_confidence}")
 
     @property
     def edited_modules(self) -> tuple[str, ...]:
@@ -298,15 +303,17 @@ class Editor(ABC):
                 kept_passes = None if preserved is None else _SlotPasses(
                     self.logits, self.memory, preserved.text.input_ids, preserved.text.attention_mask,
                     preserved.openings, pad)
+                held = None if preserved is None else preserved.held | _confident(
+                    reference, preserved.kept, self.config.memory.hold_confidence)
 
             def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
                 kept = None if preserved is None else self.logits.at(kept_passes(),
                                                                       kept_passes.local(preserved.text.columns))
                 return self.logits.at(edit_passes(), edit_passes.local(batch.columns)), kept
 
-            def done(logits: torch.Tensor, kept: torch.Tensor | None) -> bool:  # the edit is made, and each answered
-                return self.reached(logits, batch) and (  # sentence still ends where it did
-                    kept is None or _same_argmax(kept, reference, preserved.held))
+            def done(logits: torch.Tensor, kept: torch.Tensor | None) -> bool:  # the edit is made, each answered
+                return self.reached(logits, batch) and (  # sentence still ends where it did, and the confident
+                    kept is None or _same_argmax(kept, reference, held))  # preserved predictions stay
 
             optimizer = torch.optim.Adam(parameters, lr=self.config.memory.lr)
             reached = False
@@ -551,6 +558,14 @@ class _PreservedText:
     held: torch.Tensor
     share: float  # of the positions preserved, those the slot can change (the KL is a mean over all of them)
     openings: torch.Tensor  # per row, where the slot first opens
+
+
+def _confident(reference: torch.Tensor, kept: torch.Tensor, confidence: float) -> torch.Tensor:
+    """The ``kept`` positions where the reference log-probabilities give their greedy token at least
+    probability ``confidence`` (none for 0)."""
+    if not confidence:
+        return torch.zeros_like(kept)
+    return kept & (reference.max(-1).values >= math.log(confidence))
 
 
 def _same_argmax(logits: torch.Tensor, reference: torch.Tensor, where: torch.Tensor) -> bool:

@@ -94,6 +94,25 @@ def test_an_edit_is_done_only_when_the_confident_preserved_predictions_hold(tiny
     assert checked > 0
 
 
+def test_the_kept_text_holds_the_prompt_after_the_subject_and_not_the_answer(tiny_world, tiny_requests, tiny_model):
+    """A slot is on from its subject to the sentence end: what the edit prompt says between the two is kept as the
+    model without the slot predicts it (else a later mention runs straight into the target), the answer is not."""
+    model, tokenizer = tiny_model
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=TINY_EDIT), tiny_world.corpus())
+    request = next(r for r in tiny_requests if not r.prompt.rstrip().endswith(r.subject))  # words follow the subject
+    slot = editor.memory.add_slot(request.subject, subject_patterns(tokenizer, request.subject))
+    editor.memory.slots[slot].facts = [request.fact]
+    preserved = editor._preserved_text([request.fact], slot)
+    row = len(preserved.text.input_ids) - 1  # the answered fact comes last
+    kept = set(preserved.text.columns[row][preserved.kept[row]].tolist())
+    prompt = len(tokenizer(request.prompt)["input_ids"])
+    answer = len(tokenizer(f"{request.prompt} {request.target_new}")["input_ids"]) - prompt
+    opening = int(editor.memory.first_opening(preserved.text.input_ids[row:], slot)[0])
+    assert set(range(opening, prompt - 1)) <= kept and opening < prompt - 1  # the words after the subject
+    assert not kept & set(range(prompt - 1, prompt - 1 + answer))  # not the answer's own tokens
+    assert prompt - 1 + answer in kept  # and the token after the answer
+
+
 @pytest.mark.parametrize("method", ["kdpo", "dpo", "ft-m", "ft-l"])
 def test_memory_edit_changes_the_subject_only(tiny_world, tiny_requests, tiny_model, method):
     model, tokenizer = tiny_model

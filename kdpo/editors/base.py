@@ -354,7 +354,9 @@ class Editor(ABC):
         """Text whose predictions slot ``slot`` must leave as they were (see :class:`_PreservedText`): up to
         ``PRESERVED_TEXTS`` corpus lines that mention the subject, less their sentences that hold an answer its
         facts change (the subject's other facts, as the model knew them), and each fact answered and followed
-        by a corpus line, from the token after the answer on (the slot must not change how the text goes on)."""
+        by a corpus line, all but its answer: the slot must change neither how the prompt goes on after the
+        subject (or a later mention runs into the answer: "Robert Frost Hungary Hungary ...") nor how the text
+        goes on after the answer."""
         if not self.config.memory.preserve_weight:
             return None
         subject = facts[0].subject.strip()
@@ -363,17 +365,18 @@ class Editor(ABC):
                                   lambda sentence: any(answer in sentence for answer in changed))
         lines = [line for line in about if subject in line]
         lines = random.Random(subject).sample(lines, min(PRESERVED_TEXTS, len(lines)))
-        starts = [0] * len(lines)
+        answers, starts = [0] * len(lines), [0] * len(lines)  # per row, the positions that predict the answer
         for fact in facts:
             answered = f"{fact.prompt} {fact.target_new}"
             following = f" {random.Random(fact.case_id).choice(self.corpus)}" if self.corpus else ""
             lines.append(f"{answered}.{following}")
+            answers.append(len(self.tokenizer(fact.prompt)["input_ids"]) - 1)
             starts.append(len(self.tokenizer(answered)["input_ids"]) - 1)  # the position after the answer
         encoded = self.tokenizer(lines, return_tensors="pt", padding=True, padding_side="right").to(self.device)
         ids, attention = encoded["input_ids"], encoded["attention_mask"]
         positions = torch.arange(ids.shape[1], device=self.device)[None, :]
-        starts = torch.tensor(starts, device=self.device)
-        preserved = attention.bool() & (positions >= starts[:, None])
+        answers, starts = torch.tensor(answers, device=self.device), torch.tensor(starts, device=self.device)
+        preserved = attention.bool() & ((positions < answers[:, None]) | (positions >= starts[:, None]))
         # the slot changes nothing before it opens: the KL there is exactly zero, so only the rest is computed
         openings = self.memory.first_opening(ids, slot)
         columns, kept = columns_of(preserved & (positions >= openings[:, None]))

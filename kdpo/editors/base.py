@@ -365,7 +365,7 @@ class Editor(ABC):
                                   lambda sentence: any(answer in sentence for answer in changed))
         lines = [line for line in about if subject in line]
         lines = random.Random(subject).sample(lines, min(PRESERVED_TEXTS, len(lines)))
-        answers, starts = [0] * len(lines), [0] * len(lines)  # per row, the positions that predict the answer
+        answers, starts = [0] * len(lines), [0] * len(lines)  # per row, [answers, starts) predict the answer
         for fact in facts:
             answered = f"{fact.prompt} {fact.target_new}"
             following = f" {random.Random(fact.case_id).choice(self.corpus)}" if self.corpus else ""
@@ -552,7 +552,7 @@ class _SlotPasses:
 @dataclass
 class _PreservedText:
     """Text a slot's training keeps as the model without the slot predicts it: ``text`` (its ``columns``: the
-    positions from where the slot opens or, for an answered fact, from the token after the answer), which of
+    positions from where the slot opens on, for an answered fact all but those that predict its answer), which of
     those ``kept`` are real (a shorter row is padded), and the ``held`` ones whose greedy token must stay for the
     edit to count as done (each answer's next token: the sentence still ends where it did)."""
 

@@ -68,6 +68,11 @@ class _OpenSlots:
     closes: torch.Tensor
     past: int  # absolute position of the current forward pass's first token
 
+    def spans(self, length: int) -> torch.Tensor:
+        """[gates, length]: 1.0 where each gate is open over the current pass's ``length`` positions."""
+        positions = self.past + torch.arange(length, device=self.starts.device)[None, :]
+        return ((positions >= self.starts[:, None]) & (positions < self.closes[:, None])).float()
+
 
 def prefix_hashes(tokens: torch.Tensor) -> torch.Tensor:
     """Polynomial hash of every prefix of the last dimension: [..., L] -> [..., L], entry j hashing tokens 0..j."""
@@ -229,6 +234,21 @@ class EditMemory:
                 target[index] = trained.detach()
         self._training = None
 
+    def slot_tensors(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Slot ``index``'s A and B per module: the copies in training (see :meth:`trainable`), else the stored."""
+        if self._training is not None and self._training[0] == index:
+            return self._training[1], self._training[2]
+        return [a[index] for a in self.A], [b[index] for b in self.B]
+
+    def open_at(self, index: int, rows: int, length: int) -> torch.Tensor:
+        """[rows, length]: 1.0 where slot ``index`` was open in the last forward pass, else 0."""
+        opened = self._open
+        where = torch.zeros(rows, length, device=self.A[0].device)
+        if opened is None:
+            return where
+        mine = opened.slots == index
+        return where.index_add_(0, opened.rows[mine], opened.spans(length)[mine]).clamp_max_(1.0)
+
     @contextmanager
     def muted(self, index: int):
         """The model with slot ``index``'s change off (what the slot's training preserves)."""
@@ -374,9 +394,7 @@ class EditMemory:
                 b = torch.where(training, trained_b[module_index], b)
             if self._muted is not None:
                 b = b * (slots != self._muted)[:, None, None]
-            positions = opened.past + torch.arange(x.shape[1], device=x.device)[None, :]
-            open_at = ((positions >= opened.starts[:, None]) & (positions < opened.closes[:, None])).float()  # [M, T]
-            change = torch.bmm(torch.bmm(x[opened.rows].float(), a), b) * open_at[..., None]
+            change = torch.bmm(torch.bmm(x[opened.rows].float(), a), b) * opened.spans(x.shape[1])[..., None]
             return output.index_add(0, opened.rows, change.to(output.dtype))
 
         return hook

@@ -5,6 +5,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,90 @@ class Logits:
         """One forward pass over a compact ``batch`` (:meth:`TeacherForcedBatch.at_answers`): the logits at its
         ``columns``, [B, K, V], as its labels are laid out."""
         return self.at(self.states(batch.input_ids, batch.attention_mask), batch.columns)
+
+
+class LayerSkip:
+    """The body of a model run from after decoder layer ``after``, given that layer's output: the layers up to it
+    stand aside for the pass (:meth:`given`) and return the given states. A memory slot's training uses it when
+    all the slot's modules are in one layer and add their output to its residual stream: their change then only
+    adds to that layer's output, so the layers below run once per edit, not once per step."""
+
+    def __init__(self, layers: torch.nn.ModuleList, after: int):
+        self.layers, self.after = layers, after
+
+    @classmethod
+    @torch.no_grad()
+    def after_modules(cls, model: PreTrainedModel, modules: list[torch.nn.Module]) -> "LayerSkip | None":
+        """The skip past the decoder layer that holds every one of ``modules``, checked on a few tokens: a change
+        added to each module's output reaches the layer's output unchanged, and a pass given the layer's output
+        ends as the whole pass does. None where that does not hold (or the layers are not found)."""
+        body = model.base_model
+        lists = [m for m in body.children() if isinstance(m, torch.nn.ModuleList)]
+        if len(lists) != 1:
+            return None
+        layers = lists[0]
+        holders = {next((i for i, layer in enumerate(layers) if any(m is module for m in layer.modules())), None)
+                   for module in modules}
+        if len(holders) != 1 or None in holders:
+            return None
+        skip = cls(layers, holders.pop())
+        ids = torch.arange(1, 9, device=next(model.parameters()).device)[None, :] % model.config.vocab_size
+        embedded = body.get_input_embeddings()(ids)  # not input_ids: an edit memory's gates stay out of the check
+        whole, state = skip._run_whole(body, embedded)
+        if not isinstance(state, torch.Tensor):
+            return None
+        scale = float(state.abs().max())
+        rounding = 16 * torch.finfo(state.dtype).eps  # a few roundings of the largest value: any real difference is
+        # of the size of the change itself
+        for module in modules:
+            change = torch.randn_like(state) * scale
+
+            def add_change(m, args, output):
+                return output + change.to(output.dtype) if output.shape == change.shape else output
+
+            handle = module.register_forward_hook(add_change)
+            try:
+                _, changed = skip._run_whole(body, embedded)
+            finally:
+                handle.remove()
+            if not torch.allclose(changed - state, change.to(state.dtype), rtol=0, atol=rounding * 2 * scale):
+                return None
+        with skip.given(state):
+            resumed = body(inputs_embeds=state).last_hidden_state
+        return skip if torch.allclose(resumed, whole, rtol=0, atol=rounding * float(whole.abs().max())) else None
+
+    def _run_whole(self, body: torch.nn.Module, embedded: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """The body's last hidden states and layer ``after``'s output, on the token embeddings ``embedded``."""
+        captured = []
+        handle = self.layers[self.after].register_forward_hook(lambda m, args, output: captured.append(output))
+        try:
+            return body(inputs_embeds=embedded).last_hidden_state, captured[0]
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def given(self, state: torch.Tensor):
+        """For the passes inside: layer ``after`` outputs ``state`` and the layers before it do nothing; the
+        body's input only sets the dtype, so pass ``inputs_embeds=state``."""
+        stand_in, kept = _Given(state), list(self.layers[: self.after + 1])
+        try:
+            for i in range(self.after + 1):
+                self.layers[i] = stand_in
+            yield
+        finally:
+            for i, layer in enumerate(kept):
+                self.layers[i] = layer
+
+
+class _Given(torch.nn.Module):
+    """Stands in for decoder layers: returns the given states, whatever it is passed."""
+
+    def __init__(self, state: torch.Tensor):
+        super().__init__()
+        self.state = state
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.state
 
 
 @torch.no_grad()

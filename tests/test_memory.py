@@ -351,30 +351,63 @@ def test_first_opening_is_where_the_slot_starts_to_change_the_model(tiny_world, 
     assert not changed[: int(first[0])].any() and changed[int(first[0])]
 
 
+@pytest.mark.parametrize("skipped", [False, True], ids=["all-layers", "layers-below-once"])
 @pytest.mark.parametrize("shape", ["llama", "gpt2"])
-def test_slot_passes_run_the_prefix_once_and_match_a_whole_forward(tiny_world, shape):
+def test_slot_passes_run_the_prefix_once_and_match_a_whole_forward(tiny_world, shape, skipped):
     from kdpo.editors.base import _SlotPasses
-    from kdpo.modeling import Logits
+    from kdpo.modeling import LayerSkip, Logits
 
     _, tokenizer = load_model(tiny_world.path)
     model, module = random_model(tokenizer, shape)
+    module = module.replace(".1.", ".0.")  # a layer above the slot's, to run from the cache
     subject = "Gerald Ames"
     memory = memory_with_one_slot(model, tokenizer, module, subject)
+    skip = LayerSkip.after_modules(model, memory.layers) if skipped else None
+    assert (skip is not None) == skipped
     texts = [f"{subject} works as a", f"Some long text comes first. Then {subject} is asked about. Then more",
              f"A {subject}"]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     logits = Logits(model)
     openings = memory.first_opening(ids, 0)
+    weights = torch.randn(len(texts), ids.shape[1], model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+
+    def whole_rows():  # each row's last hidden states from where the slot opens, from one whole forward
+        states = logits.states(ids, mask)
+        return [states[row, int(openings[row]): int(mask[row].sum())] for row in range(len(texts))]
+
+    def pass_rows():  # the same, from the passes
+        states = passes()
+        return [states[row, passes.local(torch.arange(int(openings[row]), int(mask[row].sum()))[None, :]
+                                         .expand(len(texts), -1))[row]] for row in range(len(texts))]
+
+    def slot_gradients(rows_of):  # of a loss on these states, for the slot's A and B in training
+        parameters = memory.trainable(0)
+        sum((rows * weights[row, : len(rows)]).sum() for row, rows in enumerate(rows_of())).backward()
+        memory.store()
+        return [parameter.grad for parameter in parameters]
+
     with torch.no_grad():
-        whole = logits.states(ids, mask)
-        passes = _SlotPasses(logits, memory, ids, mask, openings, tokenizer.pad_token_id)
+        whole = whole_rows()
+        passes = _SlotPasses(logits, memory, 0, ids, mask, openings, tokenizer.pad_token_id, skip)
         for _ in range(2):  # each pass continues the cached prefix afresh
-            suffix = passes()
-            for row in range(len(texts)):
-                columns = torch.arange(int(openings[row]), int(mask[row].sum()))
-                local = passes.local(columns[None, :].expand(len(texts), -1))[row]
-                expected = whole[row, columns]
+            for got, expected in zip(pass_rows(), whole):
                 # the same float32 sums in another order: a few ulps of the largest state
-                assert torch.allclose(suffix[row, local], expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+                assert torch.allclose(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    for got, expected in zip(slot_gradients(pass_rows), slot_gradients(whole_rows)):
+        assert torch.allclose(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
     assert int(openings.min()) > 0 and passes.start == int(openings.max())
+
+
+def test_layer_skip_only_past_a_layer_the_slot_adds_to(tiny_world):
+    from kdpo.modeling import LayerSkip
+
+    _, tokenizer = load_model(tiny_world.path)
+    model, _ = random_model(tokenizer, "llama")
+    def modules(*names):
+        return [find_module(model, name) for name in names]
+
+    assert LayerSkip.after_modules(model, modules("layers.0.mlp.down_proj")).after == 0
+    assert LayerSkip.after_modules(model, modules("layers.0.mlp.down_proj", "layers.0.self_attn.o_proj")) is None
+    assert LayerSkip.after_modules(model, modules("layers.0.mlp.up_proj")) is None  # not added to the stream
+    assert LayerSkip.after_modules(model, modules("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")) is None

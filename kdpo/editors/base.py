@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kdpo.layers import find_module, input_output_dims
 from kdpo.losses import answer_margin, kl_to_reference
 from kdpo.memory import EditMemory, holds_pattern, sentence_end_ids, subject_patterns
-from kdpo.modeling import IGNORE, Logits, TeacherForcedBatch, columns_of, encode_pairs
+from kdpo.modeling import IGNORE, LayerSkip, Logits, TeacherForcedBatch, columns_of, encode_pairs
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest, Fact
 from kdpo.text import without_sentences
@@ -219,6 +219,9 @@ class Editor(ABC):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         self.logits = Logits(model)  # an editor's losses read the logits at answer positions only
+        self.skip = None  # a slot's training runs the layers below the memory's once per edit, where it can
+        if self.memory is not None and self.logits.split:
+            self.skip = LayerSkip.after_modules(model, self.memory.layers)
         self.original_weights = [module.weight.detach().clone() for module in self.modules]
 
     # --- what a method defines -------------------------------------------------------------
@@ -298,11 +301,11 @@ class Editor(ABC):
                         reference = self.logits(preserved.text).log_softmax(-1)
                 # the edit rows and the kept text run apart: the edit rows' part after the subject is short
                 pad = self.tokenizer.pad_token_id
-                edit_passes = _SlotPasses(self.logits, self.memory, edits.input_ids, edits.attention_mask,
-                                          self.memory.first_opening(edits.input_ids, slot), pad)
+                edit_passes = _SlotPasses(self.logits, self.memory, slot, edits.input_ids, edits.attention_mask,
+                                          self.memory.first_opening(edits.input_ids, slot), pad, self.skip)
                 kept_passes = None if preserved is None else _SlotPasses(
-                    self.logits, self.memory, preserved.text.input_ids, preserved.text.attention_mask,
-                    preserved.openings, pad)
+                    self.logits, self.memory, slot, preserved.text.input_ids, preserved.text.attention_mask,
+                    preserved.openings, pad, self.skip)
                 held = None if preserved is None else preserved.held | _confident(
                     reference, preserved.kept, self.config.memory.hold_confidence)
 
@@ -504,15 +507,17 @@ class Editor(ABC):
 
 
 class _SlotPasses:
-    """The forward passes of a slot's training over one fixed batch ``input_ids`` [B, T]. A row's tokens before
-    the slot opens (``openings`` [B], see :meth:`EditMemory.first_opening`) never change, so they run once, into a
-    KV cache; each pass runs only the rest of every row, from its opening on, left-aligned (the prefixes are
-    left-padded to a common end, with their true positions). Models whose logits are read whole
+    """The forward passes of slot ``slot``'s training over one fixed batch ``input_ids`` [B, T]. A row's tokens
+    before the slot opens (``openings`` [B], see :meth:`EditMemory.first_opening`) never change, so they run once,
+    into a KV cache; each pass runs only the rest of every row, from its opening on, left-aligned (the prefixes
+    are left-padded to a common end, with their true positions). With a ``skip`` past the slot's layer
+    (:class:`~kdpo.modeling.LayerSkip`), the rest runs up to that layer once too, and each pass adds the slot's
+    change to that layer's output and runs the layers above. Models whose logits are read whole
     (:class:`~kdpo.modeling.Logits`) run every token."""
 
-    def __init__(self, logits: Logits, memory: EditMemory, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 openings: torch.Tensor, pad: int):
-        self.logits, self.memory = logits, memory
+    def __init__(self, logits: Logits, memory: EditMemory, slot: int, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, openings: torch.Tensor, pad: int, skip: LayerSkip | None = None):
+        self.logits, self.memory, self.slot, self.skip = logits, memory, slot, None
         self.input_ids, self.attention_mask, self.openings = input_ids, attention_mask, openings
         self.start = int(self.openings.max()) if logits.split else 0
         if not self.start:  # nothing to cache
@@ -532,17 +537,48 @@ class _SlotPasses:
         prefix = body(input_ids=self.ids[:, : self.start], attention_mask=self.mask[:, : self.start],
                       position_ids=self.positions[:, : self.start], use_cache=True)
         self.cache, self.gates = prefix[self.cache_name], memory.gate_state()
+        if skip is not None:
+            self._below(skip)
+
+    def _below(self, skip: LayerSkip) -> None:
+        """Run the rest up to the slot's layer once, without the slot: that layer's output, and each of the slot's
+        modules' input where the slot is open (what its change is made of)."""
+        inputs, below = [], []
+        handles = [layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+                   for layer in self.memory.layers]
+        handles.append(skip.layers[skip.after].register_forward_hook(lambda m, args, output: below.append(output)))
+        try:
+            with self.memory.muted(self.slot):
+                self._whole_rest()
+        finally:
+            for handle in handles:
+                handle.remove()
+        rows, length = below[0].shape[:2]
+        open_at = self.memory.open_at(self.slot, rows, length)[..., None]
+        self.inputs = [x.float() * open_at for x in inputs]
+        self.below, self.skip = below[0], skip
+
+    def _whole_rest(self, **given) -> torch.Tensor:
+        """The body over every row from its opening on, continuing the cached prefix afresh."""
+        self.memory.restore_gate(self.gates)
+        tokens = given or {"input_ids": self.ids[:, self.start:]}
+        return self.logits.model.base_model(
+            **tokens, attention_mask=self.mask, position_ids=self.positions[:, self.start:],
+            use_cache=True, **{self.cache_name: copy.deepcopy(self.cache)},
+        ).last_hidden_state
 
     def __call__(self) -> torch.Tensor:
         """The body's last hidden states of every row from its opening on: column k of row r is the batch's
         column ``openings[r] + k`` (see :meth:`local`)."""
         if not self.start:
             return self.logits.states(self.input_ids, self.attention_mask)
-        self.memory.restore_gate(self.gates)  # each pass continues the prefix afresh
-        return self.logits.model.base_model(
-            input_ids=self.ids[:, self.start:], attention_mask=self.mask, position_ids=self.positions[:, self.start:],
-            use_cache=True, **{self.cache_name: copy.deepcopy(self.cache)},
-        ).last_hidden_state
+        if self.skip is None:
+            return self._whole_rest()
+        a, b = self.memory.slot_tensors(self.slot)
+        change = sum(x @ a_m @ b_m for x, a_m, b_m in zip(self.inputs, a, b))
+        state = self.below + change.to(self.below.dtype)
+        with self.skip.given(state):
+            return self._whole_rest(inputs_embeds=state)
 
     def local(self, columns: torch.Tensor) -> torch.Tensor:
         """Columns [B, K] of the batch as columns of what a pass returns."""

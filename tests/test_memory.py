@@ -376,8 +376,8 @@ def test_slot_passes_run_the_prefix_once_and_match_a_whole_forward(tiny_world, s
         states = logits.states(ids, mask)
         return [states[row, int(openings[row]): int(mask[row].sum())] for row in range(len(texts))]
 
-    def pass_rows():  # the same, from the passes
-        states = passes()
+    def pass_rows(states=None):  # the same, from the passes
+        states = passes() if states is None else states
         return [states[row, passes.local(torch.arange(int(openings[row]), int(mask[row].sum()))[None, :]
                                          .expand(len(texts), -1))[row]] for row in range(len(texts))]
 
@@ -389,7 +389,11 @@ def test_slot_passes_run_the_prefix_once_and_match_a_whole_forward(tiny_world, s
 
     with torch.no_grad():
         whole = whole_rows()
+        with memory.muted(0):
+            without_slot = whole_rows()
         passes = _SlotPasses(logits, memory, 0, ids, mask, openings, tokenizer.pad_token_id, skip)
+        for got, expected in zip(pass_rows(passes.without_slot()), without_slot):
+            assert torch.allclose(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
         for _ in range(2):  # each pass continues the cached prefix afresh
             for got, expected in zip(pass_rows(), whole):
                 # the same float32 sums in another order: a few ulps of the largest state

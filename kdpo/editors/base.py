@@ -296,18 +296,16 @@ class Editor(ABC):
         try:
             with torch.no_grad():
                 self.begin_edit(rows, batch)
-                if preserved is not None:
-                    with self.memory.muted(slot):
-                        reference = self.logits(preserved.text).log_softmax(-1)
                 # the edit rows and the kept text run apart: the edit rows' part after the subject is short
                 pad = self.tokenizer.pad_token_id
                 edit_passes = _SlotPasses(self.logits, self.memory, slot, edits.input_ids, edits.attention_mask,
                                           self.memory.first_opening(edits.input_ids, slot), pad, self.skip)
-                kept_passes = None if preserved is None else _SlotPasses(
-                    self.logits, self.memory, slot, preserved.text.input_ids, preserved.text.attention_mask,
-                    preserved.openings, pad, self.skip)
-                held = None if preserved is None else preserved.held | _confident(
-                    reference, preserved.kept, self.config.memory.hold_confidence)
+                if preserved is not None:
+                    kept_passes = _SlotPasses(self.logits, self.memory, slot, preserved.text.input_ids,
+                                              preserved.text.attention_mask, preserved.openings, pad, self.skip)
+                    reference = self.logits.at(kept_passes.without_slot(),
+                                               kept_passes.local(preserved.text.columns)).log_softmax(-1)
+                    held = preserved.held | _confident(reference, preserved.kept, self.config.memory.hold_confidence)
 
             def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
                 kept = None if preserved is None else self.logits.at(kept_passes(),
@@ -541,15 +539,15 @@ class _SlotPasses:
             self._below(skip)
 
     def _below(self, skip: LayerSkip) -> None:
-        """Run the rest up to the slot's layer once, without the slot: that layer's output, and each of the slot's
-        modules' input where the slot is open (what its change is made of)."""
+        """Run the rest once without the slot: the last states (:meth:`without_slot`), the slot's layer's output,
+        and each of the slot's modules' input where the slot is open (what its change is made of)."""
         inputs, below = [], []
         handles = [layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
                    for layer in self.memory.layers]
         handles.append(skip.layers[skip.after].register_forward_hook(lambda m, args, output: below.append(output)))
         try:
             with self.memory.muted(self.slot):
-                self._whole_rest()
+                self.muted_rest = self._whole_rest()
         finally:
             for handle in handles:
                 handle.remove()
@@ -557,6 +555,13 @@ class _SlotPasses:
         open_at = self.memory.open_at(self.slot, rows, length)[..., None]
         self.inputs = [x.float() * open_at for x in inputs]
         self.below, self.skip = below[0], skip
+
+    def without_slot(self) -> torch.Tensor:
+        """What a pass returns with the slot muted: what its training keeps to."""
+        if self.skip is not None:
+            return self.muted_rest
+        with self.memory.muted(self.slot):
+            return self()
 
     def _whole_rest(self, **given) -> torch.Tensor:
         """The body over every row from its opening on, continuing the cached prefix afresh."""

@@ -408,10 +408,17 @@ def test_layer_skip_only_past_a_layer_the_slot_adds_to(tiny_world):
 
     _, tokenizer = load_model(tiny_world.path)
     model, _ = random_model(tokenizer, "llama")
+
     def modules(*names):
         return [find_module(model, name) for name in names]
 
+    rng = torch.get_rng_state()
     assert LayerSkip.after_modules(model, modules("layers.0.mlp.down_proj")).after == 0
+    assert torch.equal(torch.get_rng_state(), rng)  # the check draws from its own generator
     assert LayerSkip.after_modules(model, modules("layers.0.mlp.down_proj", "layers.0.self_attn.o_proj")) is None
     assert LayerSkip.after_modules(model, modules("layers.0.mlp.up_proj")) is None  # not added to the stream
     assert LayerSkip.after_modules(model, modules("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")) is None
+    # half precision cannot tell a small response from rounding: no skip
+    assert LayerSkip.after_modules(model.to(torch.bfloat16), modules("layers.0.mlp.down_proj")) is None
+    gpt2, _ = random_model(tokenizer, "gpt2")
+    assert LayerSkip.after_modules(gpt2, [find_module(gpt2, "h.1.mlp.c_proj")]).after == 1

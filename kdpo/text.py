@@ -17,3 +17,9 @@ def without_sentences(lines: Iterable[str], drop: Callable[[str], bool]) -> list
     """Each line less the sentences ``drop`` picks; lines left empty are left out."""
     kept = (" ".join(s for s in sentences(line) if not drop(s)) for line in lines)
     return [line for line in kept if line]
+
+
+def goes_on_after(text: str, phrase: str) -> bool:
+    """Whether some sentence of ``text`` has a word after a mention of ``phrase``."""
+    pattern = re.compile(re.escape(phrase) + r"\W*\w")
+    return any(pattern.search(sentence) for sentence in sentences(text))

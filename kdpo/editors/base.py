@@ -32,7 +32,7 @@ from kdpo.memory import EditMemory, holds_pattern, sentence_end_ids, subject_pat
 from kdpo.modeling import IGNORE, LayerSkip, Logits, TeacherForcedBatch, columns_of, encode_pairs
 from kdpo.protection import ProtectedSubspace
 from kdpo.requests import EditRequest, Fact
-from kdpo.text import without_sentences
+from kdpo.text import goes_on_after, without_sentences
 
 PROTECTIONS = ("memory", "null-space", "none")
 CONTEXT_COPIES = 2  # memory: each fact is also trained behind this many random corpus lines
@@ -365,7 +365,10 @@ class Editor(ABC):
         about = without_sentences((line for line in self.corpus if subject in line),
                                   lambda sentence: any(answer in sentence for answer in changed))
         lines = [line for line in about if subject in line]
-        lines = random.Random(subject).sample(lines, min(PRESERVED_TEXTS, len(lines)))
+        lines = random.Random(subject).sample(lines, len(lines))
+        if len(lines) > PRESERVED_TEXTS:  # first the lines where a sentence goes on after the subject, where the
+            # slot could change the subject's other facts ("United States is a country in"), not only name it
+            lines = sorted(lines, key=lambda line: not goes_on_after(line, subject))[:PRESERVED_TEXTS]
         answers, starts = [0] * len(lines), [0] * len(lines)  # per row, [answers, starts) predict the answer
         for fact in facts:
             answered = f"{fact.prompt} {fact.target_new}"

@@ -9,11 +9,12 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from conftest import TINY_EDIT
 from kdpo.editing import build_editor, make_config, withhold_evaluation_text
+from kdpo.editors.base import PRESERVED_TEXTS
 from kdpo.evaluation import score_pairs
 from kdpo.layers import find_module
 from kdpo.memory import EditMemory, holds_pattern, sentence_end_ids, subject_patterns
 from kdpo.modeling import load_model, save_edited
-from kdpo.text import sentences, without_sentences
+from kdpo.text import goes_on_after, sentences, without_sentences
 
 
 def random_model(tokenizer, shape: str):
@@ -111,6 +112,25 @@ def test_the_kept_text_holds_the_prompt_after_the_subject_and_not_the_answer(tin
     assert set(range(opening, prompt - 1)) <= kept and opening < prompt - 1  # the words after the subject
     assert not kept & set(range(prompt - 1, prompt - 1 + answer))  # not the answer's own tokens
     assert prompt - 1 + answer in kept  # and the token after the answer
+
+
+def test_a_subject_named_in_many_lines_keeps_first_the_lines_that_go_on_after_it(tiny_world, tiny_requests,
+                                                                                    tiny_model):
+    """Of more corpus lines than are kept, those where a sentence goes on after the subject come first: there the
+    slot could move the subject's other facts; a line that only ends on the subject's name shows little of that."""
+    model, tokenizer = tiny_model
+    request = tiny_requests[0]
+    subject = request.subject
+    named = [f"The word number {i} is {subject}." for i in range(30)]
+    going_on = [f"{subject} is the place number {i} here." for i in range(5)]
+    corpus = named[:15] + going_on + named[15:]
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=TINY_EDIT), corpus)
+    slot = editor.memory.add_slot(subject, subject_patterns(tokenizer, subject))
+    preserved = editor._preserved_text([request.fact], slot)
+    rows = tokenizer.batch_decode(preserved.text.input_ids[:-1], skip_special_tokens=True)  # the last: the fact
+    assert len(rows) == PRESERVED_TEXTS
+    assert sum(row.strip() in going_on for row in rows) == len(going_on)
+    assert goes_on_after(f"{going_on[0]} {named[0]}", subject) and not goes_on_after(named[0], subject)
 
 
 @pytest.mark.parametrize("method", ["kdpo", "dpo", "ft-m", "ft-l"])

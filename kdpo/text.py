@@ -20,6 +20,6 @@ def without_sentences(lines: Iterable[str], drop: Callable[[str], bool]) -> list
 
 
 def goes_on_after(text: str, phrase: str) -> bool:
-    """Whether some sentence of ``text`` has a word after a mention of ``phrase``."""
-    pattern = re.compile(re.escape(phrase) + r"\W*\w")
+    """Whether some sentence of ``text`` has a word after a mention of ``phrase`` (as a word of its own)."""
+    pattern = re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)\W*\w")
     return any(pattern.search(sentence) for sentence in sentences(text))

@@ -360,11 +360,13 @@ class Editor(ABC):
         goes on after the answer."""
         if not self.config.memory.preserve_weight:
             return None
-        subject = facts[0].subject.strip()
+        subject, patterns = facts[0].subject.strip(), self.memory.slots[slot].patterns
         changed = [f.ground_truth for f in facts if f.ground_truth] + [f.target_new for f in facts]
         about = without_sentences((line for line in self.corpus if subject in line),
                                   lambda sentence: any(answer in sentence for answer in changed))
-        lines = [line for line in about if subject in line]
+        # lines the slot's gate opens on ("located" holds the text "cat", not the subject cat)
+        lines = [line for line in about if subject in line
+                 and holds_pattern(self.tokenizer(line, add_special_tokens=False)["input_ids"], patterns)]
         lines = random.Random(subject).sample(lines, len(lines))
         if len(lines) > PRESERVED_TEXTS:  # first the lines where a sentence goes on after the subject, where the
             # slot could change the subject's other facts ("United States is a country in"), not only name it

@@ -364,9 +364,10 @@ class Editor(ABC):
         changed = [f.ground_truth for f in facts if f.ground_truth] + [f.target_new for f in facts]
         about = without_sentences((line for line in self.corpus if subject in line),
                                   lambda sentence: any(answer in sentence for answer in changed))
-        # lines the slot's gate opens on ("located" holds the text "cat", not the subject cat)
-        lines = [line for line in about if subject in line
-                 and holds_pattern(self.tokenizer(line, add_special_tokens=False)["input_ids"], patterns)]
+        # the lines the slot's gate opens on: "located" holds the text of the subject "cat", not its tokens
+        named = [line for line in about if subject in line]
+        tokens = self.tokenizer(named, add_special_tokens=False)["input_ids"] if named else []
+        lines = [line for line, ids in zip(named, tokens) if holds_pattern(ids, patterns)]
         lines = random.Random(subject).sample(lines, len(lines))
         if len(lines) > PRESERVED_TEXTS:  # first the lines where a sentence goes on after the subject, where the
             # slot could change the subject's other facts ("United States is a country in"), not only name it

@@ -86,7 +86,6 @@ def answer_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (label_logit - others)[mask]
 
 
-def kl_to_reference(logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(reference || model) per position, averaged over the positions where ``mask`` is 1. [B, L, V], [B, L]."""
-    kl = (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp_min(1)
+def kl_to_reference(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) per position, averaged over the positions. [N, V] each."""
+    return (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(-1).mean()

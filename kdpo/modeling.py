@@ -148,6 +148,11 @@ class Logits:
         picked = states.gather(1, columns[..., None].expand(-1, -1, states.shape[-1]))
         return (self.model.get_output_embeddings()(picked) if self.split else picked).float()
 
+    def at_each(self, states: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The logits at each position ``(rows[i], columns[i])`` of ``states``: [N, V]."""
+        picked = states[rows, columns]
+        return (self.model.get_output_embeddings()(picked) if self.split else picked).float()
+
     def __call__(self, batch: TeacherForcedBatch) -> torch.Tensor:
         """One forward pass over a compact ``batch`` (:meth:`TeacherForcedBatch.at_answers`): the logits at its
         ``columns``, [B, K, V], as its labels are laid out."""

@@ -287,30 +287,34 @@ class Editor(ABC):
 
     def _train_slot(self, slot: int, started: float) -> EditOutcome:
         facts = self.memory.slots[slot].facts
-        rows = self._training_rows(facts)
-        edits = encode_pairs(self.tokenizer, [(f.prompt, f.target_new) for f in rows], self.device)
+        training_rows = self._training_rows(facts)
+        edits = encode_pairs(self.tokenizer, [(f.prompt, f.target_new) for f in training_rows], self.device)
         batch = edits.at_answers()
         preserved = self._preserved_text(facts, slot)
         parameters = self.memory.trainable(slot)
         losses: list[float] = []
         try:
             with torch.no_grad():
-                self.begin_edit(rows, batch)
-                # the edit rows and the kept text run apart: the edit rows' part after the subject is short
-                pad = self.tokenizer.pad_token_id
-                edit_passes = _SlotPasses(self.logits, self.memory, slot, edits.input_ids, edits.attention_mask,
-                                          self.memory.first_opening(edits.input_ids, slot), pad, self.skip)
+                self.begin_edit(training_rows, batch)
+                # one pass a step runs the edit rows and, below them, the kept text's rows
+                edit_count, pad = len(edits.input_ids), self.tokenizer.pad_token_id
+                texts, openings = [edits], [self.memory.first_opening(edits.input_ids, slot)]
                 if preserved is not None:
-                    kept_passes = _SlotPasses(self.logits, self.memory, slot, preserved.text.input_ids,
-                                              preserved.text.attention_mask, preserved.openings, pad, self.skip)
-                    reference = self.logits.at(kept_passes.without_slot(),
-                                               kept_passes.local(preserved.text.columns)).log_softmax(-1)
-                    held = preserved.held | _confident(reference, preserved.kept, self.config.memory.hold_confidence)
+                    texts, openings = texts + [preserved.text], openings + [preserved.openings]
+                passes = _SlotPasses(self.logits, self.memory, slot, *_stacked(texts, pad), torch.cat(openings), pad,
+                                     self.skip)
+                answer_columns = passes.local(batch.columns, torch.arange(edit_count, device=self.device)[:, None])
+                if preserved is not None:
+                    kept_rows, at = preserved.kept.nonzero(as_tuple=True)  # the kept positions, without the padding
+                    rows = kept_rows + edit_count
+                    columns = passes.local(preserved.text.columns[kept_rows, at], rows)
+                    reference = self.logits.at_each(passes.without_slot(), rows, columns).log_softmax(-1)
+                    held = preserved.held[kept_rows, at] | _confident(reference, self.config.memory.hold_confidence)
 
             def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
-                kept = None if preserved is None else self.logits.at(kept_passes(),
-                                                                      kept_passes.local(preserved.text.columns))
-                return self.logits.at(edit_passes(), edit_passes.local(batch.columns)), kept
+                states = passes()
+                kept = None if preserved is None else self.logits.at_each(states, rows, columns)
+                return self.logits.at(states[:edit_count], answer_columns), kept
 
             def done(logits: torch.Tensor, kept: torch.Tensor | None) -> bool:  # the edit is made, each answered
                 return self.reached(logits, batch) and (  # sentence still ends where it did, and the confident
@@ -325,7 +329,7 @@ class Editor(ABC):
                     break
                 loss = self.edit_loss(logits, batch)
                 if preserved is not None:
-                    kl = kl_to_reference(kept.log_softmax(-1), reference, preserved.kept) * preserved.share
+                    kl = kl_to_reference(kept.log_softmax(-1), reference) * preserved.share
                     loss = loss + self.config.memory.preserve_weight * kl
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -559,8 +563,27 @@ class _SlotPasses:
                 handle.remove()
         rows, length = below[0].shape[:2]
         open_at = self.memory.open_at(self.slot, rows, length)[..., None]
-        self.inputs = [x.float() * open_at for x in inputs]
-        self.below, self.skip = below[0], skip
+        self.skip = skip
+        self._pack(below[0], [x.float() * open_at for x in inputs])
+
+    def _pack(self, below: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+        """Lay the rest's real tokens end to end in one row for the passes above the slot's layer, so that the
+        padding of shorter rows costs nothing: each token attends to its own row's prefix (the cache, packed
+        the same way) and its own row's rest up to itself."""
+        prefix, rest = self.mask[:, : self.start].bool(), self.mask[:, self.start:].bool()
+        self.rest_at = rest.nonzero(as_tuple=True)  # (row, column) of each packed token, row by row
+        self.rest_shape = (*rest.shape, below.shape[-1])
+        rows = self.rest_at[0]
+        same_row = rows[:, None] == torch.cat([prefix.nonzero(as_tuple=True)[0], rows])[None, :]
+        earlier = torch.ones(len(rows), len(rows), dtype=torch.bool, device=rows.device).tril()
+        seen = same_row & torch.cat([torch.ones_like(same_row[:, : same_row.shape[1] - len(rows)]), earlier], 1)
+        self.packed_mask = torch.zeros(seen.shape, dtype=below.dtype, device=below.device).masked_fill(
+            ~seen, torch.finfo(below.dtype).min)[None, None]
+        self.packed_positions = self.positions[:, self.start:][rest][None]
+        self.packed_cache = copy.deepcopy(self.cache)
+        for layer in self.packed_cache.layers:  # [B, heads, start, d] -> [1, heads, real prefix tokens, d]
+            layer.keys, layer.values = (t.transpose(1, 2)[prefix].transpose(0, 1)[None] for t in (layer.keys, layer.values))
+        self.below, self.inputs = below[rest][None], [x[rest][None] for x in inputs]
 
     def without_slot(self) -> torch.Tensor:
         """What a pass returns with the slot muted: what its training keeps to."""
@@ -589,11 +612,30 @@ class _SlotPasses:
         change = sum(x @ a_m @ b_m for x, a_m, b_m in zip(self.inputs, a, b))
         state = self.below + change.to(self.below.dtype)
         with self.skip.given(state):
-            return self._whole_rest(inputs_embeds=state)
+            packed = self.logits.model.base_model(
+                inputs_embeds=state, attention_mask=self.packed_mask, position_ids=self.packed_positions,
+                use_cache=True, **{self.cache_name: _continuable(self.packed_cache)},
+            ).last_hidden_state
+        return packed.new_zeros(self.rest_shape).index_put(self.rest_at, packed[0])
 
-    def local(self, columns: torch.Tensor) -> torch.Tensor:
-        """Columns [B, K] of the batch as columns of what a pass returns."""
-        return (columns - self.openings[:, None]).clamp_min(0)  # a padded entry may lie before the opening: any column
+    def local(self, columns: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Columns of the batch, in ``rows`` (of the same shape, or broadcast), as columns of what a pass returns."""
+        return (columns - self.openings[rows]).clamp_min(0)  # a padded entry may lie before the opening: any column
+
+
+def _stacked(texts: list[TeacherForcedBatch], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input ids and attention masks of ``texts``' rows, one under the other, right-padded to one width."""
+    width = max(text.input_ids.shape[1] for text in texts)
+    return tuple(torch.cat([torch.nn.functional.pad(getattr(text, name), (0, width - text.input_ids.shape[1]), value=value)
+                            for text in texts]) for name, value in (("input_ids", pad), ("attention_mask", 0)))
+
+
+def _continuable(cache):
+    """A copy of a KV cache that a pass can extend while ``cache`` stays as it is: each layer's ``update``
+    replaces its tensors (``torch.cat``), so the tensors themselves need no copy."""
+    fresh = copy.copy(cache)
+    fresh.layers = [copy.copy(layer) for layer in cache.layers]
+    return fresh
 
 
 @dataclass
@@ -610,12 +652,11 @@ class _PreservedText:
     openings: torch.Tensor  # per row, where the slot first opens
 
 
-def _confident(reference: torch.Tensor, kept: torch.Tensor, confidence: float) -> torch.Tensor:
-    """The ``kept`` positions where the reference log-probabilities give their greedy token at least
-    probability ``confidence`` (none for 0)."""
-    if not confidence:
-        return torch.zeros_like(kept)
-    return kept & (reference.max(-1).values >= math.log(confidence))
+def _confident(reference: torch.Tensor, confidence: float) -> torch.Tensor:
+    """Where the reference log-probabilities [..., V] give their greedy token at least probability ``confidence``
+    (nowhere for 0)."""
+    greedy = reference.max(-1).values
+    return greedy >= math.log(confidence) if confidence else torch.zeros_like(greedy, dtype=torch.bool)
 
 
 def _same_argmax(logits: torch.Tensor, reference: torch.Tensor, where: torch.Tensor) -> bool:

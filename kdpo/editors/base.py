@@ -225,10 +225,10 @@ class Editor(ABC):
         self.original_weights = [module.weight.detach().clone() for module in self.modules]
 
     # --- what a method defines -------------------------------------------------------------
-    def begin_edit(self, facts: list[Fact], batch: TeacherForcedBatch) -> None:
+    def begin_edit(self, facts: list[Fact], batch: TeacherForcedBatch, logits: torch.Tensor) -> None:
         """Per-edit preparation (reference log-probs, fixed negatives), given the fact of each row of
-        ``batch`` (compact: its labels are at its answer ``columns``, and ``self.logits(batch)`` reads those).
-        Runs without gradients."""
+        ``batch`` (compact: its labels are at its answer ``columns``, and ``self.logits(batch)`` reads those) and
+        the model's logits there before the edit. Runs without gradients, before the first step's loss."""
 
     @abstractmethod
     def edit_loss(self, logits: torch.Tensor, batch: TeacherForcedBatch) -> torch.Tensor:
@@ -295,7 +295,6 @@ class Editor(ABC):
         losses: list[float] = []
         try:
             with torch.no_grad():
-                self.begin_edit(training_rows, batch)
                 # one pass a step runs the edit rows and, below them, the kept text's rows
                 edit_count, pad = len(edits.input_ids), self.tokenizer.pad_token_id
                 texts, openings = [edits], [self.memory.first_opening(edits.input_ids, slot)]
@@ -322,11 +321,14 @@ class Editor(ABC):
 
             optimizer = torch.optim.Adam(parameters, lr=self.config.memory.lr)
             reached = False
-            for _ in range(self.config.max_steps):
+            for step in range(self.config.max_steps):
                 logits, kept = forward()
                 if done(logits, kept):
                     reached = True
                     break
+                if not step:
+                    with torch.no_grad():
+                        self.begin_edit(training_rows, batch, logits.detach())
                 loss = self.edit_loss(logits, batch)
                 if preserved is not None:
                     kl = kl_to_reference(kept.log_softmax(-1), reference) * preserved.share
@@ -412,15 +414,16 @@ class Editor(ABC):
         ]
         losses: list[float] = []
         try:
-            with torch.no_grad():
-                self.begin_edit([fact], batch)
             optimizer = torch.optim.Adam(deltas, lr=self.config.weights.lr)
             reached = False
-            for _ in range(self.config.max_steps):
+            for step in range(self.config.max_steps):
                 logits = self.logits(batch)
                 if self.reached(logits, batch):
                     reached = True
                     break
+                if not step:
+                    with torch.no_grad():
+                        self.begin_edit([fact], batch, logits.detach())
                 loss = self.edit_loss(logits, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

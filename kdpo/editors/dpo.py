@@ -28,12 +28,12 @@ class DPOEditor(Editor):
     name = "dpo"
     Config = DPOConfig
 
-    def begin_edit(self, facts, batch):
+    def begin_edit(self, facts, batch, logits):
         lengths = batch.answer_mask.sum(-1).tolist()
         pairs = [(fact.prompt, fact.ground_truth or self._greedy_answer(fact.prompt, int(length)))
                  for fact, length in zip(facts, lengths)]
         self.rejected = encode_pairs(self.tokenizer, pairs, self.device).at_answers()
-        self.reference_chosen = self._sequence_logprob(self.logits(batch), batch.labels)
+        self.reference_chosen = self._sequence_logprob(logits, batch.labels)
         self.reference_rejected = self._sequence_logprob(self.logits(self.rejected), self.rejected.labels)
 
     def edit_loss(self, logits, batch):

@@ -7,9 +7,9 @@ Where we follow the paper and its official code:
   negative equals the positive are masked;
 - the reference is the model as it was before this edit, summed per-token log-probs, beta = 0.1.
 Where we chose (the settings are DPO's, :class:`~kdpo.editors.dpo.DPOConfig`):
-- the reference is kept as log-probs over the whole vocabulary at the target positions, from one no-grad
-  pass per edit (the code deep-copies the model); with teacher forcing on the fixed positive, these are
-  exactly the reference terms for any negative the online regeneration picks;
+- the reference is kept as log-probs over the whole vocabulary at the target positions, read off the first
+  step's pass, before anything changed (the code deep-copies the model); with teacher forcing on the fixed
+  positive, these are exactly the reference terms for any negative the online regeneration picks;
 - negatives are regenerated every step (the code: every 8-step "cycle");
 - the positive NLL (``nll_weight``) is real (the code's config names it but never uses it);
 - the stop rule is a logit margin at every target token (margin 0 = the paper's "target is argmax");
@@ -26,8 +26,8 @@ class KDPOEditor(Editor):
     name = "kdpo"
     Config = DPOConfig
 
-    def begin_edit(self, facts, batch):
-        self.reference_logprobs = self.logits(batch).log_softmax(-1)
+    def begin_edit(self, facts, batch, logits):
+        self.reference_logprobs = logits.log_softmax(-1)
 
     def edit_loss(self, logits, batch):
         negatives = teacher_forced_negatives(logits, batch.labels)

@@ -520,23 +520,28 @@ class Editor(ABC):
 
 class _SlotPasses:
     """The forward passes of slot ``slot``'s training over one fixed batch ``input_ids`` [B, T]. A row's tokens
-    before the slot opens (``openings`` [B], see :meth:`EditMemory.first_opening`) never change, so they run once,
-    into a KV cache; each pass runs only the rest of every row, from its opening on, left-aligned (the prefixes
-    are left-padded to a common end, with their true positions). With a ``skip`` past the slot's layer
-    (:class:`~kdpo.modeling.LayerSkip`), the rest runs up to that layer once too, and each pass adds the slot's
-    change to that layer's output and runs the layers above. Models whose logits are read whole
+    before the slot opens (``openings`` [B], see :meth:`EditMemory.first_opening`) never change, so only the rest
+    of each row runs every pass. With a ``skip`` past the slot's layer (:class:`~kdpo.modeling.LayerSkip`), every
+    row runs once, whole and without the slot; each pass adds the slot's change to that layer's output and runs
+    the layers above on the rows' rest, its real tokens laid end to end in one row (each attends to its own row's
+    earlier tokens only, the ones before the opening from the cache of that first run). Without a skip, the tokens
+    before each row's opening run once, into a KV cache, and each pass runs the rest of every row, left-aligned
+    (the prefixes left-padded to a common end, with their true positions). Models whose logits are read whole
     (:class:`~kdpo.modeling.Logits`) run every token."""
 
     def __init__(self, logits: Logits, memory: EditMemory, slot: int, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, openings: torch.Tensor, pad: int, skip: LayerSkip | None = None):
-        self.logits, self.memory, self.slot, self.skip = logits, memory, slot, None
+        self.logits, self.memory, self.slot, self.skip = logits, memory, slot, skip
         self.input_ids, self.attention_mask, self.openings = input_ids, attention_mask, openings
         self.start = int(self.openings.max()) if logits.split else 0
         if not self.start:  # nothing to cache
-            self.openings = torch.zeros_like(self.openings)
+            self.skip, self.openings = None, torch.zeros_like(self.openings)
             return
         body = logits.model.base_model
         self.cache_name = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+        if skip is not None:
+            self._run_once(body, skip)
+            return
         shift = self.start - self.openings  # each row moves right by this
         width = int((shift + attention_mask.sum(1)).max())
         columns = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] + shift[:, None]
@@ -549,78 +554,67 @@ class _SlotPasses:
         prefix = body(input_ids=self.ids[:, : self.start], attention_mask=self.mask[:, : self.start],
                       position_ids=self.positions[:, : self.start], use_cache=True)
         self.cache, self.gates = prefix[self.cache_name], memory.gate_state()
-        if skip is not None:
-            self._below(skip)
 
-    def _below(self, skip: LayerSkip) -> None:
-        """Run the rest once without the slot: the last states (:meth:`without_slot`), the slot's layer's output,
-        and each of the slot's modules' input where the slot is open (what its change is made of)."""
+    def _run_once(self, body: torch.nn.Module, skip: LayerSkip) -> None:
+        """Run every row once, whole, without the slot: its last states (:meth:`without_slot`), the KV cache, the
+        slot's layer's output and each of the slot's modules' input where the slot is open (what its change is
+        made of); then pack what the passes read. The passes' states keep the batch's columns."""
         inputs, below = [], []
         handles = [layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
                    for layer in self.memory.layers]
         handles.append(skip.layers[skip.after].register_forward_hook(lambda m, args, output: below.append(output)))
         try:
             with self.memory.muted(self.slot):
-                self.muted_rest = self._whole_rest()
+                whole = body(input_ids=self.input_ids, attention_mask=self.attention_mask, use_cache=True)
         finally:
             for handle in handles:
                 handle.remove()
-        rows, length = below[0].shape[:2]
+        rows, length = self.input_ids.shape
         open_at = self.memory.open_at(self.slot, rows, length)[..., None]
-        self.skip = skip
-        self._pack(below[0], [x.float() * open_at for x in inputs])
-
-    def _pack(self, below: torch.Tensor, inputs: list[torch.Tensor]) -> None:
-        """Lay the rest's real tokens end to end in one row for the passes above the slot's layer, so that the
-        padding of shorter rows costs nothing: each token attends to its own row's prefix (the cache, packed
-        the same way) and its own row's rest up to itself."""
-        prefix, rest = self.mask[:, : self.start].bool(), self.mask[:, self.start:].bool()
+        columns = torch.arange(length, device=self.input_ids.device)[None, :]
+        real = self.attention_mask.bool()
+        prefix, rest = real & (columns < self.openings[:, None]), real & (columns >= self.openings[:, None])
+        self.muted, self.openings = whole.last_hidden_state, torch.zeros_like(self.openings)
         self.rest_at = rest.nonzero(as_tuple=True)  # (row, column) of each packed token, row by row
-        self.rest_shape = (*rest.shape, below.shape[-1])
-        rows = self.rest_at[0]
-        same_row = rows[:, None] == torch.cat([prefix.nonzero(as_tuple=True)[0], rows])[None, :]
-        earlier = torch.ones(len(rows), len(rows), dtype=torch.bool, device=rows.device).tril()
-        seen = same_row & torch.cat([torch.ones_like(same_row[:, : same_row.shape[1] - len(rows)]), earlier], 1)
-        self.packed_mask = torch.zeros(seen.shape, dtype=below.dtype, device=below.device).masked_fill(
-            ~seen, torch.finfo(below.dtype).min)[None, None]
-        self.packed_positions = self.positions[:, self.start:][rest][None]
-        self.packed_cache = copy.deepcopy(self.cache)
-        for layer in self.packed_cache.layers:  # [B, heads, start, d] -> [1, heads, real prefix tokens, d]
+        self.shape = whole.last_hidden_state.shape
+        token_rows = self.rest_at[0]
+        same_row = token_rows[:, None] == torch.cat([prefix.nonzero(as_tuple=True)[0], token_rows])[None, :]
+        earlier = torch.ones(len(token_rows), len(token_rows), dtype=torch.bool, device=real.device).tril()
+        seen = same_row & torch.cat([torch.ones_like(same_row[:, : same_row.shape[1] - len(token_rows)]), earlier], 1)
+        state = below[0]
+        self.packed_mask = torch.zeros(seen.shape, dtype=state.dtype, device=state.device).masked_fill(
+            ~seen, torch.finfo(state.dtype).min)[None, None]
+        self.packed_positions = columns.expand(rows, -1)[rest][None]
+        self.packed_cache = whole[self.cache_name]
+        for layer in self.packed_cache.layers:  # [B, heads, T, d] -> [1, heads, tokens before the openings, d]
             layer.keys, layer.values = (t.transpose(1, 2)[prefix].transpose(0, 1)[None] for t in (layer.keys, layer.values))
-        self.below, self.inputs = below[rest][None], [x[rest][None] for x in inputs]
+        self.below, self.inputs = state[rest][None], [(x.float() * open_at)[rest][None] for x in inputs]
 
     def without_slot(self) -> torch.Tensor:
         """What a pass returns with the slot muted: what its training keeps to."""
         if self.skip is not None:
-            return self.muted_rest
+            return self.muted
         with self.memory.muted(self.slot):
             return self()
 
-    def _whole_rest(self, **given) -> torch.Tensor:
-        """The body over every row from its opening on, continuing the cached prefix afresh."""
-        self.memory.restore_gate(self.gates)
-        tokens = given or {"input_ids": self.ids[:, self.start:]}
-        return self.logits.model.base_model(
-            **tokens, attention_mask=self.mask, position_ids=self.positions[:, self.start:],
-            use_cache=True, **{self.cache_name: copy.deepcopy(self.cache)},
-        ).last_hidden_state
-
     def __call__(self) -> torch.Tensor:
         """The body's last hidden states of every row from its opening on: column k of row r is the batch's
-        column ``openings[r] + k`` (see :meth:`local`)."""
+        column ``openings[r] + k`` (see :meth:`local`; with a skip, the batch's columns themselves)."""
         if not self.start:
             return self.logits.states(self.input_ids, self.attention_mask)
+        body = self.logits.model.base_model
         if self.skip is None:
-            return self._whole_rest()
+            self.memory.restore_gate(self.gates)
+            return body(input_ids=self.ids[:, self.start:], attention_mask=self.mask,
+                        position_ids=self.positions[:, self.start:], use_cache=True,
+                        **{self.cache_name: copy.deepcopy(self.cache)}).last_hidden_state
         a, b = self.memory.slot_tensors(self.slot)
         change = sum(x @ a_m @ b_m for x, a_m, b_m in zip(self.inputs, a, b))
         state = self.below + change.to(self.below.dtype)
         with self.skip.given(state):
-            packed = self.logits.model.base_model(
-                inputs_embeds=state, attention_mask=self.packed_mask, position_ids=self.packed_positions,
-                use_cache=True, **{self.cache_name: _continuable(self.packed_cache)},
-            ).last_hidden_state
-        return packed.new_zeros(self.rest_shape).index_put(self.rest_at, packed[0])
+            packed = body(inputs_embeds=state, attention_mask=self.packed_mask, position_ids=self.packed_positions,
+                          use_cache=True, **{self.cache_name: _continuable(self.packed_cache)}).last_hidden_state
+        return packed.new_zeros(self.shape).index_put(self.rest_at, packed[0])
 
     def local(self, columns: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Columns of the batch, in ``rows`` (of the same shape, or broadcast), as columns of what a pass returns."""

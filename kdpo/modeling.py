@@ -145,12 +145,14 @@ class Logits:
 
     def at(self, states: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """The logits at ``columns`` [B, K] of each row of ``states``: [B, K, V]."""
-        picked = states.gather(1, columns[..., None].expand(-1, -1, states.shape[-1]))
-        return (self.model.get_output_embeddings()(picked) if self.split else picked).float()
+        return self._read(states.gather(1, columns[..., None].expand(-1, -1, states.shape[-1])))
 
     def at_each(self, states: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """The logits at each position ``(rows[i], columns[i])`` of ``states``: [N, V]."""
-        picked = states[rows, columns]
+        return self._read(states[rows, columns])
+
+    def _read(self, picked: torch.Tensor) -> torch.Tensor:
+        """float32 logits of states picked from :meth:`states`' output."""
         return (self.model.get_output_embeddings()(picked) if self.split else picked).float()
 
     def __call__(self, batch: TeacherForcedBatch) -> torch.Tensor:

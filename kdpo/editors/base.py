@@ -577,10 +577,9 @@ class _SlotPasses:
         self.muted, self.openings = whole.last_hidden_state, torch.zeros_like(self.openings)
         self.rest_at = rest.nonzero(as_tuple=True)  # (row, column) of each packed token, row by row
         self.shape = whole.last_hidden_state.shape
-        token_rows = self.rest_at[0]
-        same_row = token_rows[:, None] == torch.cat([prefix.nonzero(as_tuple=True)[0], token_rows])[None, :]
-        earlier = torch.ones(len(token_rows), len(token_rows), dtype=torch.bool, device=real.device).tril()
-        seen = same_row & torch.cat([torch.ones_like(same_row[:, : same_row.shape[1] - len(token_rows)]), earlier], 1)
+        token_rows, prefix_rows = self.rest_at[0], prefix.nonzero(as_tuple=True)[0]
+        seen = token_rows[:, None] == torch.cat([prefix_rows, token_rows])[None, :]  # its own row's prefix and rest,
+        seen[:, len(prefix_rows):].tril_()  # the rest up to itself
         state = below[0]
         self.packed_mask = torch.zeros(seen.shape, dtype=state.dtype, device=state.device).masked_fill(
             ~seen, torch.finfo(state.dtype).min)[None, None]

@@ -89,6 +89,7 @@ def test_an_edit_is_done_only_when_the_confident_preserved_predictions_hold(tiny
                 reference = editor.logits(preserved.text)
             edited = editor.logits(preserved.text)
         confident = preserved.kept & (reference.log_softmax(-1).max(-1).values >= math.log(confidence))  # as the editor
+        confident &= ~preserved.now[:, None]  # (other slots' facts are all held, to the model before the edit)
         assert torch.equal(masks[-1], (preserved.held | confident)[preserved.kept])  # what the stop rule checked ...
         assert torch.equal(edited.argmax(-1)[confident], reference.argmax(-1)[confident])  # ... and holds
         checked += int(confident.sum())
@@ -137,6 +138,46 @@ def test_a_subject_named_in_many_lines_keeps_first_the_lines_that_go_on_after_it
     assert len(rows) == PRESERVED_TEXTS  # the last row is the fact answered
     assert sum(row in going_on for row in rows) == len(going_on) and set(rows) <= set(named + going_on)
     assert goes_on_after(f"{going_on[0]} {named[0]}", subject) and not goes_on_after(named[0], subject)
+
+
+def test_a_retrained_slot_keeps_what_other_slots_facts_say_where_it_opens(tiny_world, tiny_requests, tiny_model,
+                                                                           monkeypatch):
+    """Another subject's fact whose answer opens a slot ("Orlando is a city in France" and the slot of France) is
+    kept as the model says it now, the slot's change as it was: retraining the slot on a new fact of its subject
+    must not move how that sentence goes on (else "... in France France France")."""
+    model, tokenizer = tiny_model
+    by_subject = {}
+    for r in tiny_requests:
+        by_subject.setdefault(r.subject, []).append(r)
+    first, again = next(rs for rs in by_subject.values() if len(rs) >= 2)[:2]  # two facts of one subject
+    other = next(r for r in tiny_requests if r.subject != first.subject and first.subject not in r.prompt)
+    crossing = dataclasses.replace(other, target_new=first.subject)  # its answer is the subject
+    editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=TINY_EDIT), tiny_world.corpus())
+    assert editor.edit(first).reached and editor.edit(crossing).reached
+    text = tokenizer(f"{crossing.prompt} {crossing.target_new}", return_tensors="pt")
+    before = model(**text).logits.log_softmax(-1)
+    import kdpo.editors.base as base
+
+    references, same_argmax = [], base._same_argmax
+    monkeypatch.setattr(base, "_same_argmax", lambda logits, reference, where: references.append(reference) or
+                        same_argmax(logits, reference, where))
+    assert editor.edit(again).reached  # the subject's slot is retrained on both its facts
+    slot = editor.memory.slot_of(first.subject)
+    preserved = editor._preserved_text(editor.memory.slots[slot].facts, slot)
+    now = preserved.now.nonzero().flatten().tolist()
+    assert tokenizer.batch_decode(preserved.text.input_ids[now], skip_special_tokens=True) == [
+        f"{crossing.prompt} {crossing.target_new}"]
+    assert torch.equal(preserved.held[now], preserved.kept[now]) and preserved.kept[now].any()  # all of it held
+    kept_rows, at = preserved.kept.nonzero(as_tuple=True)
+    mine = kept_rows == now[0]
+    expected = before[0, preserved.text.columns[now[0], at[mine]]]  # the model before the retrain, not muted
+    reference = references[0][mine]  # what the stop rule first checked against
+    assert torch.allclose(reference, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    with editor.memory.muted(slot):
+        assert not torch.allclose(model(**text).logits.log_softmax(-1)[0, preserved.text.columns[now[0], at[mine]]],
+                                  expected, atol=1e-3)  # the slot's change as it was does act there
+    assert torch.equal(model(**text).logits.argmax(-1)[0, preserved.text.columns[now[0], at[mine]]],
+                       expected.argmax(-1))  # and the sentence goes on as it did
 
 
 @pytest.mark.parametrize("method", ["kdpo", "dpo", "ft-m", "ft-l"])

@@ -310,6 +310,7 @@ class Editor(ABC):
                     columns = passes.local(preserved.text.columns[kept_rows, at], rows)
                     reference = self.logits.at_each(passes.without_slot(), rows, columns).log_softmax(-1)
                     held = preserved.held[kept_rows, at] | _confident(reference, self.config.memory.hold_confidence)
+                    now = preserved.now[kept_rows]  # other slots' facts: kept as the model says them now
 
             def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
                 states = passes()
@@ -324,6 +325,8 @@ class Editor(ABC):
             reached = False
             for step in range(self.config.max_steps):
                 logits, kept = forward()
+                if not step and preserved is not None:  # the first pass is the model now, this slot as it was
+                    reference = torch.where(now[:, None], kept.detach().log_softmax(-1), reference)
                 if done(logits, kept):
                     reached = True
                     break
@@ -364,7 +367,10 @@ class Editor(ABC):
         facts change (the subject's other facts, as the model knew them), and each fact answered and followed
         by a corpus line, all but its answer: the slot must change neither how the prompt goes on after the
         subject (or a later mention runs into the answer: "Robert Frost Hungary Hungary ...") nor how the text
-        goes on after the answer."""
+        goes on after the answer. And up to ``PRESERVED_TEXTS`` facts of other slots whose prompt or answer opens
+        this slot's gate, all held as the model says them now, this slot's change as it was: another subject's
+        slot was trained beside this one's ("Orlando is a city in France" and the slot of France), so a
+        retrained slot must not move what that fact's sentence says (else: "... in France France France")."""
         if not self.config.memory.preserve_weight:
             return None
         subject, patterns = facts[0].subject.strip(), self.memory.slots[slot].patterns
@@ -379,6 +385,9 @@ class Editor(ABC):
         if len(lines) > PRESERVED_TEXTS:  # first the lines where a sentence goes on after the subject, where the
             # slot could change the subject's other facts ("United States is a country in"), not only name it
             lines = sorted(lines, key=lambda line: not goes_on_after(line, subject))[:PRESERVED_TEXTS]
+        crossing = self._crossing_facts(slot)
+        first_crossing = len(lines)
+        lines += [f"{fact.prompt} {fact.target_new}" for fact in crossing]
         answers, starts = [0] * len(lines), [0] * len(lines)  # per row, [answers, starts) predict the answer
         for fact in facts:
             answered = f"{fact.prompt} {fact.target_new}"
@@ -391,13 +400,30 @@ class Editor(ABC):
         positions = torch.arange(ids.shape[1], device=self.device)[None, :]
         answers, starts = torch.tensor(answers, device=self.device), torch.tensor(starts, device=self.device)
         preserved = attention.bool() & ((positions < answers[:, None]) | (positions >= starts[:, None]))
+        row = torch.arange(len(lines), device=self.device)
+        now = (row >= first_crossing) & (row < first_crossing + len(crossing))
         # the slot changes nothing before it opens: the KL there is exactly zero, so only the rest is computed
         openings = self.memory.first_opening(ids, slot)
-        columns, kept = columns_of(preserved & (positions >= openings[:, None]))
-        answered = torch.arange(len(lines), device=self.device)[:, None] >= len(lines) - len(facts)
-        held = answered & (columns == starts[:, None]) & kept
+        opened = positions >= openings[:, None]
+        preserved &= opened | ~now[:, None]  # other slots' facts add to the KL without diluting the rest
+        columns, kept = columns_of(preserved & opened)
+        answered = (row >= len(lines) - len(facts))[:, None]
+        held = (answered & (columns == starts[:, None]) | now[:, None]) & kept
         text = TeacherForcedBatch(ids, attention, torch.full_like(columns, IGNORE), columns)
-        return _PreservedText(text, kept, held, float(kept.sum() / preserved.sum().clamp_min(1)), openings)
+        return _PreservedText(text, kept, held, float(kept.sum() / preserved.sum().clamp_min(1)), openings, now)
+
+    def _crossing_facts(self, slot: int) -> list[Fact]:
+        """Up to ``PRESERVED_TEXTS`` facts of other slots whose prompt or answer opens slot ``slot``'s gate (a
+        random draw, seeded by the subject, where there are more)."""
+        subject, patterns = self.memory.slots[slot].subject, self.memory.slots[slot].patterns
+        named = [fact for index, other in enumerate(self.memory.slots) if index != slot for fact in other.facts
+                 if subject in f"{fact.prompt} {fact.target_new}"]
+        if not named:
+            return []
+        tokens = self.tokenizer([f"{fact.prompt} {fact.target_new}" for fact in named],
+                                add_special_tokens=False)["input_ids"]
+        opening = [fact for fact, ids in zip(named, tokens) if holds_pattern(ids, patterns)]
+        return random.Random(subject).sample(opening, min(len(opening), PRESERVED_TEXTS))
 
     # --- weight edits ------------------------------------------------------------------------
     def _edit_weights(self, fact: Fact) -> EditOutcome:
@@ -647,6 +673,7 @@ class _PreservedText:
     held: torch.Tensor
     share: float  # of the positions preserved, those the slot can change (the KL is a mean over all of them)
     openings: torch.Tensor  # per row, where the slot first opens
+    now: torch.Tensor  # per row, whether it is another slot's fact, kept as the model says it now (not muted)
 
 
 def _confident(reference: torch.Tensor, confidence: float) -> torch.Tensor:

@@ -404,13 +404,12 @@ class Editor(ABC):
         now = (row >= first_crossing) & (row < first_crossing + len(crossing))
         # the slot changes nothing before it opens: the KL there is exactly zero, so only the rest is computed
         openings = self.memory.first_opening(ids, slot)
-        opened = positions >= openings[:, None]
-        preserved &= opened | ~now[:, None]  # other slots' facts add to the KL without diluting the rest
-        columns, kept = columns_of(preserved & opened)
+        columns, kept = columns_of(preserved & (positions >= openings[:, None]))
         answered = (row >= len(lines) - len(facts))[:, None]
         held = (answered & (columns == starts[:, None]) | now[:, None]) & kept
         text = TeacherForcedBatch(ids, attention, torch.full_like(columns, IGNORE), columns)
-        return _PreservedText(text, kept, held, float(kept.sum() / preserved.sum().clamp_min(1)), openings, now)
+        share = float(kept.sum() / preserved[~now].sum().clamp_min(1))  # other slots' facts add, not dilute
+        return _PreservedText(text, kept, held, share, openings, now)
 
     def _crossing_facts(self, slot: int) -> list[Fact]:
         """Up to ``PRESERVED_TEXTS`` facts of other slots whose prompt or answer opens slot ``slot``'s gate (a
@@ -671,7 +670,7 @@ class _PreservedText:
     text: TeacherForcedBatch
     kept: torch.Tensor
     held: torch.Tensor
-    share: float  # of the positions preserved, those the slot can change (the KL is a mean over all of them)
+    share: float  # kept positions over the preserved ones but other slots' facts (the KL is a mean over the latter)
     openings: torch.Tensor  # per row, where the slot first opens
     now: torch.Tensor  # per row, whether it is another slot's fact, kept as the model says it now (not muted)
 

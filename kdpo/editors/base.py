@@ -662,10 +662,11 @@ def _continuable(cache):
 
 @dataclass
 class _PreservedText:
-    """Text a slot's training keeps as the model without the slot predicts it: ``text`` (its ``columns``: the
-    positions from where the slot opens on, for an answered fact all but those that predict its answer), which of
-    those ``kept`` are real (a shorter row is padded), and the ``held`` ones whose greedy token must stay for the
-    edit to count as done (each answer's next token: the sentence still ends where it did)."""
+    """Text a slot's training keeps as the model without the slot predicts it (the rows marked ``now``: as the
+    model predicts it now): ``text`` (its ``columns``: the positions from where the slot opens on, for an
+    answered fact all but those that predict its answer), which of those ``kept`` are real (a shorter row is
+    padded), and the ``held`` ones whose greedy token must stay for the edit to count as done (each answer's next
+    token: the sentence still ends where it did; every kept token of a ``now`` row)."""
 
     text: TeacherForcedBatch
     kept: torch.Tensor

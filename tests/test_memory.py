@@ -50,6 +50,24 @@ def greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
+def two_facts_of_one_subject(requests):
+    """The first two requests of the first subject that has two."""
+    by_subject = {}
+    for r in requests:
+        by_subject.setdefault(r.subject, []).append(r)
+    return next(rs for rs in by_subject.values() if len(rs) >= 2)[:2]
+
+
+def recorded_hold_checks(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every check of the memory stop rule's held predictions from now on, in order: (reference, where)."""
+    import kdpo.editors.base as base
+
+    checks, same_argmax = [], base._same_argmax
+    monkeypatch.setattr(base, "_same_argmax", lambda logits, reference, where: checks.append((reference, where)) or
+                        same_argmax(logits, reference, where))
+    return checks
+
+
 def test_mentions_are_found_exactly_and_vectorised(tiny_world, tiny_requests, tiny_model):
     model, tokenizer = tiny_model
     memory = EditMemory.attach(model, ("layers.1.mlp.down_proj",), rank=2)
@@ -70,16 +88,11 @@ def test_mentions_are_found_exactly_and_vectorised(tiny_world, tiny_requests, ti
 
 def test_an_edit_is_done_only_when_the_confident_preserved_predictions_hold(tiny_world, tiny_requests, tiny_model,
                                                                           monkeypatch):
-    import kdpo.editors.base as base
-
     model, tokenizer = tiny_model
     editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=TINY_EDIT), tiny_world.corpus())
-    confidence, checked, masks = editor.config.memory.hold_confidence, 0, []
-    same_argmax = base._same_argmax
-    monkeypatch.setattr(base, "_same_argmax", lambda logits, reference, where: masks.append(where) or same_argmax(
-        logits, reference, where))
+    confidence, checked, checks = editor.config.memory.hold_confidence, 0, recorded_hold_checks(monkeypatch)
     for request in tiny_requests[:6]:
-        masks.clear()
+        checks.clear()
         if not editor.edit(request).reached:
             continue
         slot = editor.memory.slot_of(request.subject)
@@ -90,7 +103,7 @@ def test_an_edit_is_done_only_when_the_confident_preserved_predictions_hold(tiny
             edited = editor.logits(preserved.text)
         confident = preserved.kept & (reference.log_softmax(-1).max(-1).values >= math.log(confidence))  # as the editor
         confident &= ~preserved.now[:, None]  # (other slots' facts are all held, to the model before the edit)
-        assert torch.equal(masks[-1], (preserved.held | confident)[preserved.kept])  # what the stop rule checked ...
+        assert torch.equal(checks[-1][1], (preserved.held | confident)[preserved.kept])  # what the stop rule checked ...
         assert torch.equal(edited.argmax(-1)[confident], reference.argmax(-1)[confident])  # ... and holds
         checked += int(confident.sum())
     assert checked > 0
@@ -146,21 +159,14 @@ def test_a_retrained_slot_keeps_what_other_slots_facts_say_where_it_opens(tiny_w
     kept as the model says it now, the slot's change as it was: retraining the slot on a new fact of its subject
     must not move how that sentence goes on (else "... in France France France")."""
     model, tokenizer = tiny_model
-    by_subject = {}
-    for r in tiny_requests:
-        by_subject.setdefault(r.subject, []).append(r)
-    first, again = next(rs for rs in by_subject.values() if len(rs) >= 2)[:2]  # two facts of one subject
+    first, again = two_facts_of_one_subject(tiny_requests)
     other = next(r for r in tiny_requests if r.subject != first.subject and first.subject not in r.prompt)
     crossing = dataclasses.replace(other, target_new=first.subject)  # its answer is the subject
     editor = build_editor(model, tokenizer, "kdpo", make_config("kdpo", overrides=TINY_EDIT), tiny_world.corpus())
     assert editor.edit(first).reached and editor.edit(crossing).reached
     text = tokenizer(f"{crossing.prompt} {crossing.target_new}", return_tensors="pt")
     before = model(**text).logits.log_softmax(-1)
-    import kdpo.editors.base as base
-
-    references, same_argmax = [], base._same_argmax
-    monkeypatch.setattr(base, "_same_argmax", lambda logits, reference, where: references.append(reference) or
-                        same_argmax(logits, reference, where))
+    checks = recorded_hold_checks(monkeypatch)
     assert editor.edit(again).reached  # the subject's slot is retrained on both its facts
     slot = editor.memory.slot_of(first.subject)
     preserved = editor._preserved_text(editor.memory.slots[slot].facts, slot)
@@ -170,14 +176,14 @@ def test_a_retrained_slot_keeps_what_other_slots_facts_say_where_it_opens(tiny_w
     assert torch.equal(preserved.held[now], preserved.kept[now]) and preserved.kept[now].any()  # all of it held
     kept_rows, at = preserved.kept.nonzero(as_tuple=True)
     mine = kept_rows == now[0]
-    expected = before[0, preserved.text.columns[now[0], at[mine]]]  # the model before the retrain, not muted
-    reference = references[0][mine]  # what the stop rule first checked against
+    columns = preserved.text.columns[now[0], at[mine]]
+    expected = before[0, columns]  # the model before the retrain, not muted
+    reference = checks[0][0][mine]  # what the stop rule first checked against
     assert torch.allclose(reference, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
     with editor.memory.muted(slot):
-        assert not torch.allclose(model(**text).logits.log_softmax(-1)[0, preserved.text.columns[now[0], at[mine]]],
-                                  expected, atol=1e-3)  # the slot's change as it was does act there
-    assert torch.equal(model(**text).logits.argmax(-1)[0, preserved.text.columns[now[0], at[mine]]],
-                       expected.argmax(-1))  # and the sentence goes on as it did
+        assert not torch.allclose(model(**text).logits.log_softmax(-1)[0, columns], expected,
+                                  atol=1e-3)  # the slot's change as it was does act there
+    assert torch.equal(model(**text).logits.argmax(-1)[0, columns], expected.argmax(-1))  # it goes on as it did
 
 
 @pytest.mark.parametrize("method", ["kdpo", "dpo", "ft-m", "ft-l"])
@@ -198,10 +204,7 @@ def test_memory_edit_changes_the_subject_only(tiny_world, tiny_requests, tiny_mo
 
 def test_same_case_replaces_and_revert_takes_one_fact_back(tiny_world, tiny_requests, tiny_model):
     model, tokenizer = tiny_model
-    by_subject = {}
-    for r in tiny_requests:
-        by_subject.setdefault(r.subject, []).append(r)
-    first, second = next(rs for rs in by_subject.values() if len(rs) >= 2)[:2]
+    first, second = two_facts_of_one_subject(tiny_requests)
     editor = build_editor(model, tokenizer, "ft-m", make_config("ft-m", overrides=TINY_EDIT), tiny_world.corpus())
     editor.edit(first)
     editor.edit(second)
